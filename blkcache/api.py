@@ -1,0 +1,404 @@
+"""The blkcache Python API: status, drop and verify a device's page cache.
+
+Everything the command line does is here; the CLI only renders results.
+Each public function opens the path once (read-only, non-blocking, close on
+exec, no controlling tty), checks its type with fstat on that fd, and works
+on the fd alone.
+"""
+
+import errno
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from . import caps
+from ._native import ffi, lib
+from .errors import (
+    CannotTellError,
+    DirtyPagesError,
+    InvalidRangeError,
+    MethodUnavailableError,
+    UnsupportedFileError,
+    UsageError,
+    WritebackError,
+    from_errno,
+)
+from .sizes import format_size, parse_size
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+INTERFACES = ("auto", "cachestat", "mincore")
+METHODS = ("auto", "ioctl", "fadvise")
+
+#: How many times drop() retries pages that survived (readahead in flight).
+DEFAULT_RETRIES = 6
+_FIRST_DELAY = 0.01
+
+#: mincore(2) is scanned in windows of this many bytes, by up to this many threads.
+MINCORE_WINDOW = 128 << 20
+MINCORE_THREADS = max(1, min(os.cpu_count() or 1, 8))
+
+UNKNOWN_REASON = ("the kernel does not report the page cache of this device to this "
+                  "user (needs write access, ownership of the node or CAP_FOWNER)")
+
+
+def _kind_name(mode):
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _raise_errno(path):
+    raise from_errno(ffi.errno, path)
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """Page-cache state of a byte range of a device or file.
+
+    ``cached``, ``dirty``, ``writeback``, ``evicted`` and ``recently_evicted``
+    are page counts, or None when the kernel did not tell (``exact`` False:
+    see ``reason``; mincore(2) never tells dirty or writeback counts).
+    """
+
+    path: str
+    device: str
+    kind: str               # "block" or "file"
+    size: int               # bytes
+    page_size: int
+    offset: int             # page aligned start of the range
+    length: int             # bytes, whole pages (the last may pass the end)
+    pages: int              # pages in the range
+    cached: Optional[int]
+    dirty: Optional[int]
+    writeback: Optional[int]
+    evicted: Optional[int]
+    recently_evicted: Optional[int]
+    interface: str          # "cachestat", "mincore" or "none" (empty range)
+    exact: bool
+    reason: Optional[str] = None
+
+    @property
+    def cached_bytes(self):
+        return None if self.cached is None else self.cached * self.page_size
+
+    @property
+    def clean(self):
+        """True: no page cached; False: some are; None: cannot tell."""
+        return None if self.cached is None else self.cached == 0
+
+    def to_dict(self):
+        data = asdict(self)
+        data["cached_bytes"] = self.cached_bytes
+        return data
+
+
+@dataclass(frozen=True)
+class DropResult:
+    """What drop() did: the method used, the states before and after."""
+
+    path: str
+    device: str
+    method: str             # "ioctl", "fadvise" (or "helper")
+    attempts: int
+    before: CacheState
+    after: CacheState
+
+    @property
+    def remaining(self):
+        """Pages still cached after the drop, None when unknown."""
+        return self.after.cached
+
+    @property
+    def dropped(self):
+        if self.before.cached is None or self.after.cached is None:
+            return None
+        return max(0, self.before.cached - self.after.cached)
+
+    @property
+    def complete(self):
+        """True when the range is known to hold no cached page."""
+        return self.after.clean is True
+
+    def to_dict(self):
+        return {"path": self.path, "device": self.device, "method": self.method,
+                "attempts": self.attempts, "dropped": self.dropped,
+                "remaining": self.remaining, "complete": self.complete,
+                "before": self.before.to_dict(), "after": self.after.to_dict()}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """verify(): "clean", "resident" or "unknown", with the state behind it."""
+
+    verdict: str
+    state: CacheState
+
+    def to_dict(self):
+        return {"verdict": self.verdict, **self.state.to_dict()}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A validated, page-aligned byte range of a target."""
+
+    offset: int
+    length: int
+
+    @property
+    def pages(self):
+        return self.length // PAGE_SIZE
+
+
+class Target:
+    """An open block device or regular file.  Use as a context manager.
+
+    >>> with Target("/dev/loop0") as t:
+    ...     t.status().cached
+    """
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        self.path = path
+        self.fd = -1
+        if path == "":
+            raise FileNotFoundError(errno.ENOENT, "empty path", path)
+        try:
+            self.fd = os.open(path, OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                # A socket cannot be opened; say what it is rather than ENXIO.
+                try:
+                    mode = os.stat(path).st_mode
+                except OSError:
+                    mode = 0
+                if stat.S_ISSOCK(mode):
+                    raise UnsupportedFileError(
+                        "not a block device or regular file (a socket)", path
+                    ) from None
+            raise from_errno(exc.errno, path) from None
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                self.kind = "block"
+                size = ffi.new("uint64_t *")
+                if lib.blkcache_device_size(self.fd, size) != 0:
+                    _raise_errno(path)
+                self.size = size[0]
+                self.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            elif stat.S_ISREG(st.st_mode):
+                self.kind = "file"
+                self.size = st.st_size
+                self.rdev = None
+            else:
+                raise UnsupportedFileError(
+                    f"not a block device or regular file ({_kind_name(st.st_mode)})",
+                    path)
+            self.device = os.path.realpath(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    # -- ranges --------------------------------------------------------------
+
+    def range(self, offset=0, length=None):
+        """Validate offset/length (ints or size strings) and widen to pages."""
+        offset = parse_size(offset, "offset")
+        if length is not None:
+            length = parse_size(length, "length")
+            if length == 0:
+                raise InvalidRangeError("length must be greater than zero",
+                                        self.path)
+        if offset and offset >= self.size:
+            raise InvalidRangeError(
+                f"offset {offset} is beyond the end of the device "
+                f"({self.size} bytes)", self.path)
+        if length is None:
+            length = self.size - offset
+        elif length > self.size - offset:
+            raise InvalidRangeError(
+                f"range {offset}+{length} ends beyond the end of the device "
+                f"({self.size} bytes)", self.path)
+        start = offset // PAGE_SIZE * PAGE_SIZE
+        end = -(-(offset + length) // PAGE_SIZE) * PAGE_SIZE
+        return Range(start, end - start)
+
+    def whole(self, rng):
+        return rng.offset == 0 and rng.offset + rng.length >= self.size
+
+    # -- status ---------------------------------------------------------------
+
+    def _state(self, rng, cached=None, dirty=None, writeback=None, evicted=None,
+               recently_evicted=None, interface="none", exact=True, reason=None):
+        return CacheState(self.path, self.device, self.kind, self.size, PAGE_SIZE,
+                          rng.offset, rng.length, rng.pages, cached, dirty, writeback,
+                          evicted, recently_evicted, interface, exact, reason)
+
+    def status(self, offset=0, length=None, interface="auto", rng=None):
+        """CacheState of the range; unknown (exact False) when the kernel won't tell."""
+        if interface not in INTERFACES:
+            raise ValueError(f"interface must be one of {', '.join(INTERFACES)}")
+        if rng is None:
+            rng = self.range(offset, length)
+        if rng.length == 0:
+            return self._state(rng, 0, 0, 0, 0, 0)
+        flags = {"auto": 0, "cachestat": lib.BLKCACHE_NO_MINCORE,
+                 "mincore": lib.BLKCACHE_FORCE_MINCORE}[interface]
+        st = ffi.new("struct blkcache_stat *")
+        if lib.blkcache_cache_stat(self.fd, rng.offset, rng.length, flags,
+                                   MINCORE_WINDOW, MINCORE_THREADS, st) != 0:
+            err = ffi.errno
+            if err == errno.EPERM:
+                used = "mincore" if interface == "mincore" else "cachestat"
+                return self._state(rng, interface=used, exact=False, reason=UNKNOWN_REASON)
+            raise from_errno(err, self.path)
+        if st.interface == lib.BLKCACHE_IF_MINCORE:
+            return self._state(rng, st.nr_cache, interface="mincore")
+        return self._state(rng, st.nr_cache, st.nr_dirty, st.nr_writeback, st.nr_evicted,
+                           st.nr_recently_evicted, interface="cachestat")
+
+    # -- drop -----------------------------------------------------------------
+
+    def resolve_method(self, method, rng):
+        """The drop method to use for ``method`` ("auto" picks one)."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}")
+        if method == "fadvise":
+            return method
+        usable = self.kind == "block" and self.whole(rng)
+        if method == "auto":
+            return "ioctl" if usable and caps.has_sys_admin() else "fadvise"
+        if self.kind != "block":
+            raise MethodUnavailableError(
+                "BLKFLSBUF works on block devices only", self.path,
+                fix="use --method fadvise")
+        if not self.whole(rng):
+            raise MethodUnavailableError(
+                "BLKFLSBUF drops the whole device, not a range", self.path,
+                fix="drop a range with --method fadvise")
+        if not caps.has_sys_admin():
+            raise MethodUnavailableError(
+                "BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
+                self.path, fix="run as root")
+        return method
+
+    def _sync(self, rng, before, interface):
+        if lib.blkcache_datasync(self.fd) != 0:
+            err = ffi.errno
+            after = self.status(rng=rng, interface=interface)
+            raise WritebackError(err, self.path, before, after)
+
+    def _drop_once(self, method, rng):
+        if method == "ioctl":
+            rc = lib.blkcache_flush_buffers(self.fd)
+        else:
+            rc = lib.blkcache_drop_range(self.fd, rng.offset, rng.length)
+        if rc != 0:
+            _raise_errno(self.path)
+
+    def drop(self, offset=0, length=None, method="auto", expect_clean=False,
+             retries=DEFAULT_RETRIES, interface="auto"):
+        """Write back dirty pages, drop the range's cache, verify; a DropResult.
+
+        Order: fdatasync (a failure raises WritebackError and nothing is
+        dropped), then BLKFLSBUF or posix_fadvise(DONTNEED), then a status.
+        Pages that survive (readahead in flight) are retried up to ``retries``
+        times with a growing pause; mapped pages survive every method.
+
+        With ``expect_clean``: if any page is dirty or under writeback,
+        DirtyPagesError is raised before anything is written or dropped; if
+        the kernel will not tell, CannotTellError.
+        """
+        rng = self.range(offset, length)
+        method = self.resolve_method(method, rng)
+        before = self.status(rng=rng, interface=interface)
+        if expect_clean:
+            if before.dirty is None or before.writeback is None:
+                raise CannotTellError(
+                    "cannot tell whether pages are dirty "
+                    f"({before.reason or 'mincore(2) does not report dirty pages'}); "
+                    "nothing was flushed or dropped", self.path, before)
+            if before.dirty or before.writeback:
+                raise DirtyPagesError(
+                    f"{before.dirty} dirty and {before.writeback} writeback "
+                    "pages on a device expected clean; nothing was flushed or dropped",
+                    self.path, before)
+        attempts = 0
+        delay = _FIRST_DELAY
+        while True:
+            attempts += 1
+            self._sync(rng, before, interface)
+            self._drop_once(method, rng)
+            after = self.status(rng=rng, interface=interface)
+            if after.clean is not False or attempts > retries:
+                break
+            time.sleep(delay)
+            delay *= 2
+        return DropResult(self.path, self.device, method, attempts, before, after)
+
+    def verify(self, offset=0, length=None, interface="auto"):
+        """Verification: "clean" only when the range is known to hold no page."""
+        state = self.status(offset, length, interface)
+        verdict = {True: "clean", False: "resident", None: "unknown"}[state.clean]
+        return Verification(verdict, state)
+
+
+#: At most this many devices in one call of open_targets() (and the CLI).
+MAX_TARGETS = 256
+
+
+def open_targets(paths, stack):
+    """Open every path (at most MAX_TARGETS) into ``stack``, an ExitStack.
+
+    All are opened and type-checked before any is used, so bad input stops a
+    multi-device call before anything changes.
+    """
+    paths = list(paths)
+    if len(paths) > MAX_TARGETS:
+        raise UsageError(f"too many devices: {len(paths)} (at most {MAX_TARGETS})")
+    return [stack.enter_context(Target(path)) for path in paths]
+
+
+def status(path, offset=0, length=None, interface="auto"):
+    """CacheState of ``path`` (a block device or regular file)."""
+    with Target(path) as target:
+        return target.status(offset, length, interface)
+
+
+def drop(path, offset=0, length=None, method="auto", expect_clean=False,
+         retries=DEFAULT_RETRIES, interface="auto"):
+    """Sync, drop and verify the page cache of ``path``; see Target.drop."""
+    with Target(path) as target:
+        return target.drop(offset, length, method, expect_clean, retries, interface)
+
+
+def verify(path, offset=0, length=None, interface="auto"):
+    """Verification of ``path``: clean, resident or unknown."""
+    with Target(path) as target:
+        return target.verify(offset, length, interface)
+
+
+__all__ = ["CacheState", "DropResult", "Verification", "Target", "status", "drop",
+           "verify", "open_targets", "MAX_TARGETS", "format_size", "parse_size", "PAGE_SIZE"]

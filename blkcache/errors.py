@@ -1,0 +1,80 @@
+"""The exceptions blkcache raises.
+
+Failures the kernel reports are plain ``OSError`` subclasses (with ``errno``
+and ``filename``), so callers get ``PermissionError``, ``FileNotFoundError``
+and friends.  Conditions without an errno are ``BlkcacheError`` subclasses.
+"""
+
+import errno
+import os
+
+
+class BlkcacheError(Exception):
+    """A condition blkcache refuses or cannot handle; no errno behind it."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+    def __str__(self):
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class UnsupportedFileError(BlkcacheError):
+    """The path is neither a block device nor a regular file."""
+
+
+class InvalidRangeError(BlkcacheError, ValueError):
+    """An offset or length that does not fit the device."""
+
+
+class UsageError(BlkcacheError, ValueError):
+    """Arguments that cannot work together (too many devices, bad size...)."""
+
+
+class MethodUnavailableError(BlkcacheError):
+    """A forced drop method cannot work here; ``fix`` says what would help."""
+
+    def __init__(self, message, path=None, fix=None):
+        super().__init__(message, path)
+        self.fix = fix
+
+
+class DirtyPagesError(BlkcacheError):
+    """``expect_clean`` found dirty or writeback pages; nothing was done."""
+
+    def __init__(self, message, path=None, state=None):
+        super().__init__(message, path)
+        self.state = state
+
+
+class CannotTellError(BlkcacheError):
+    """A decision needs page-cache state the kernel will not report."""
+
+    def __init__(self, message, path=None, state=None):
+        super().__init__(message, path)
+        self.state = state
+
+
+class WritebackError(OSError):
+    """Writing dirty pages back failed: nothing was dropped.
+
+    ``before`` and ``after`` are the cache states around the failed sync.
+    After a failed write-back the kernel may mark the pages clean, so the
+    dirty count in ``before`` is the number of pages whose data is at risk.
+    """
+
+    def __init__(self, err, path, before=None, after=None):
+        super().__init__(err, os.strerror(err), path)
+        self.before = before
+        self.after = after
+
+
+def from_errno(err, path):
+    """An OSError subclass for errno ``err`` about ``path``."""
+    return OSError(err, os.strerror(err), path)
+
+
+NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
+                              errno.ELOOP})

@@ -1,0 +1,78 @@
+"""Exit codes of the blkcache command, computed here and nowhere else.
+
+  0   success; verify: the range is known to hold no cached page
+  1   pages remain cached (verify found some; drop could not drop them all)
+  2   usage error or bad input: unknown option, bad size or range, missing
+      path, not a block device or regular file, too many devices
+  3   unknown: the kernel will not tell this user (cachestat EPERM,
+      restricted mincore); never reported as clean
+  4   drop --expect-clean refused: dirty or writeback pages; nothing done
+  5   failure: permission denied, I/O error, failed write-back (nothing
+      dropped), drop method unavailable, device gone
+  32  several devices given and every one failed (5)
+  64  several devices given and some failed (5)
+"""
+
+from .errors import (
+    BlkcacheError,
+    CannotTellError,
+    DirtyPagesError,
+    NOT_FOUND_ERRNOS,
+    MethodUnavailableError,
+)
+
+OK = 0
+RESIDENT = 1
+USAGE = 2
+UNKNOWN = 3
+DIRTY = 4
+FAILURE = 5
+ALL_FAILED = 32
+SOME_FAILED = 64
+INTERRUPTED = 130
+
+# When several devices give different answers, the worse one wins.
+_SEVERITY = (OK, RESIDENT, UNKNOWN, DIRTY, FAILURE)
+
+
+def for_state(state):
+    """status: 0 when the kernel answered, 3 when it would not."""
+    return OK if state.exact else UNKNOWN
+
+
+def for_verdict(verdict):
+    return {"clean": OK, "resident": RESIDENT, "unknown": UNKNOWN}[verdict]
+
+
+def for_drop(result):
+    return for_verdict({True: "clean", False: "resident", None: "unknown"}[result.after.clean])
+
+
+def for_error(exc):
+    """The code for an exception raised by the API."""
+    if isinstance(exc, DirtyPagesError):
+        return DIRTY
+    if isinstance(exc, CannotTellError):
+        return UNKNOWN
+    if isinstance(exc, MethodUnavailableError):
+        return FAILURE
+    if isinstance(exc, BlkcacheError):
+        return USAGE
+    if isinstance(exc, OSError) and exc.errno in NOT_FOUND_ERRNOS:
+        return USAGE
+    return FAILURE
+
+
+def combine(codes):
+    """One exit code for several devices (fstrim's 32/64 for failures)."""
+    codes = list(codes)
+    if not codes:
+        return OK
+    if len(codes) == 1:
+        return codes[0]
+    failed = sum(1 for code in codes if code == FAILURE)
+    if failed == len(codes):
+        return ALL_FAILED
+    if failed:
+        return SOME_FAILED
+    return max(codes, key=_SEVERITY.index)

@@ -1,0 +1,75 @@
+/*
+ * blkcache native layer: fd-based shims around the kernel's page-cache
+ * interfaces for block devices and regular files.
+ *
+ * This header is read verbatim by cffi's cdef (blkcache/_ffi_build.py), so
+ * it holds declarations only: no #include, no #if, no macros other than
+ * integer constants.  Every function returns 0 on success or -1 with errno
+ * set; results come back through out-parameters.
+ */
+
+/* Which kernel interface answered a residency query. */
+#define BLKCACHE_IF_CACHESTAT 1
+#define BLKCACHE_IF_MINCORE 2
+
+/* Flags for blkcache_cache_stat(). */
+#define BLKCACHE_FORCE_MINCORE 1     /* skip cachestat(2), use mincore(2) */
+#define BLKCACHE_NO_MINCORE 2        /* cachestat(2) only; ENOSYS is an error */
+
+struct blkcache_stat {
+    uint64_t nr_cache;            /* pages resident in the range */
+    uint64_t nr_dirty;            /* cachestat only */
+    uint64_t nr_writeback;        /* cachestat only */
+    uint64_t nr_evicted;          /* cachestat only */
+    uint64_t nr_recently_evicted; /* cachestat only */
+    int interface;                /* BLKCACHE_IF_* */
+};
+
+/* ioctl(BLKFLSBUF): sync, then invalidate the device's page cache. */
+int blkcache_flush_buffers(int fd);
+
+/* ioctl(BLKGETSIZE64): device size in bytes. */
+int blkcache_device_size(int fd, uint64_t *size);
+
+/* ioctl(BLKSSZGET): logical block size in bytes. */
+int blkcache_logical_block_size(int fd, unsigned int *size);
+
+/* posix_fadvise(POSIX_FADV_DONTNEED) on [offset, offset + length). */
+int blkcache_drop_range(int fd, uint64_t offset, uint64_t length);
+
+/* fdatasync(2): write back dirty pages, report a write-back error once. */
+int blkcache_datasync(int fd);
+
+/* cachestat(2) on [offset, offset + length); length must be > 0. */
+int blkcache_cachestat(int fd, uint64_t offset, uint64_t length,
+                       struct blkcache_stat *st);
+
+/*
+ * mincore(2) over read-only shared mappings of at most window bytes
+ * (a multiple of the page size; 0 means 128 MiB), using up to nthreads
+ * threads (0 or 1: the calling thread only).  Memory stays bounded by
+ * nthreads * window / page size bytes.
+ */
+int blkcache_mincore(int fd, uint64_t offset, uint64_t length,
+                     uint64_t window, unsigned int nthreads,
+                     struct blkcache_stat *st);
+
+/*
+ * Whether the kernel will tell this caller the truth about fd's page cache:
+ * the fd is open for writing, the caller owns the inode, may write to it, or
+ * has CAP_FOWNER.  This mirrors the kernel's rule for mincore(2) (which
+ * otherwise reports every page resident) and cachestat(2) since 6.14 (which
+ * otherwise fails with EPERM).  *trusted is set to 1 or 0.
+ */
+int blkcache_residency_trusted(int fd, int *trusted);
+
+/*
+ * Residency of [offset, offset + length): cachestat(2) first; on ENOSYS
+ * only (or with BLKCACHE_FORCE_MINCORE), mincore(2).  EPERM from cachestat
+ * is returned as is: it means "cannot tell", never "no pages".  The mincore
+ * path fails with EPERM when blkcache_residency_trusted() says no, since the
+ * kernel would report every page resident.
+ */
+int blkcache_cache_stat(int fd, uint64_t offset, uint64_t length, int flags,
+                        uint64_t window, unsigned int nthreads,
+                        struct blkcache_stat *st);
