@@ -1,0 +1,128 @@
+"""Fixtures: real loop devices on sparse files, always detached."""
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import kernel  # noqa: E402
+
+REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
+MiB = 1 << 20
+
+
+def _loop_problem():
+    if os.geteuid() != 0:
+        return "loop devices need root"
+    if not os.path.exists("/dev/loop-control"):
+        return "no /dev/loop-control (loop module missing)"
+    if shutil.which("losetup") is None:
+        return "losetup(8) not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def loop_available():
+    problem = _loop_problem()
+    if problem:
+        if REQUIRE_LOOP:
+            pytest.fail(f"BLKCACHE_REQUIRE_LOOP=1 but {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def scratch_dir():
+    """A disk-backed temporary directory (not tmpfs), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="blkcache-test-", dir="/var/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def detach(device):
+    """Detach a loop device we attached; retry while it is briefly busy."""
+    for _ in range(50):
+        proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
+        if proc.returncode == 0 or "No such device" in proc.stderr:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"could not detach {device}: {proc.stderr.strip()}")
+
+
+class Loops:
+    """Attach loop devices and hold them open; undo all of it at the end."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.devices = []
+        self.fds = []
+        self.count = 0
+
+    def image(self, size=64 * MiB, name=None):
+        self.count += 1
+        path = os.path.join(self.workdir, name or f"img{self.count}")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    def attach(self, backing=None, size=64 * MiB, read_only=False, partscan=False):
+        if backing is None:
+            backing = self.image(size)
+        args = ["--find", "--show"] + (["--read-only"] if read_only else []) + \
+               (["--partscan"] if partscan else [])
+        device = kernel.losetup(*args, backing)
+        self.devices.append(device)
+        return device
+
+    def hold(self, device, flags=os.O_RDONLY):
+        """Keep device open (its cache lives only while someone does)."""
+        fd = os.open(device, flags | os.O_CLOEXEC)
+        self.fds.append(fd)
+        return fd
+
+    def close(self):
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        errors = []
+        for device in reversed(self.devices):
+            try:
+                detach(device)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        self.devices.clear()
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+
+@pytest.fixture
+def loops(loop_available, scratch_dir):
+    manager = Loops(scratch_dir)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+@pytest.fixture
+def loopdev(loops):
+    """A 64 MiB loop device, held open by the test (fd in loopdev.fd)."""
+    device = loops.attach(size=64 * MiB)
+    fd = loops.hold(device)
+    return Device(device, fd)
+
+
+class Device(str):
+    """A device path that also carries the fd holding it open."""
+
+    def __new__(cls, path, fd):
+        obj = super().__new__(cls, path)
+        obj.fd = fd
+        return obj
