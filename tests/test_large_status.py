@@ -1,0 +1,40 @@
+"""status on a 1 TiB sparse device with 256 MiB cached: right answer, bounded memory."""
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+import kernel
+
+MiB = 1 << 20
+TiB = 1 << 40
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_of(cmd):
+    """Run cmd; its exit code, stdout and peak RSS in bytes (wait4 rusage)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out.decode(), err.decode(), usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("interface", ["cachestat", "mincore"])
+def test_one_tib_status_under_40_mib(loops, interface):
+    dev = loops.attach(size=TiB)
+    fd = loops.hold(dev)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    # 256 MiB cached, spread over the device: 64 chunks of 4 MiB.
+    for i in range(64):
+        kernel.read_buffered(fd, i * (TiB // 64), 4 * MiB)
+    expected = kernel.cached_pages(dev)
+    assert expected == 256 * MiB // PAGE
+    code, out, err, rss = peak_rss_of([sys.executable, "-m", "blkcache", "status", "-b", "-n",
+                                       "--interface", interface, dev])
+    assert (code, err) == (0, "")
+    assert out.split()[:3] == [str(256 * MiB), str(expected), str(TiB)]
+    assert rss < 40 * MiB, f"peak RSS {rss / MiB:.1f} MiB"
