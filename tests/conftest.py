@@ -126,3 +126,11 @@ class Device(str):
         obj = super().__new__(cls, path)
         obj.fd = fd
         return obj
+
+
+@pytest.fixture(autouse=True)
+def _neutral_cwd(tmp_path, monkeypatch):
+    """Run every test outside the source tree, so `python -m blkcache` in a
+    subprocess imports the installed package (with its built extension), not
+    the checkout's sources."""
+    monkeypatch.chdir(tmp_path)
