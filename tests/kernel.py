@@ -89,3 +89,28 @@ def read_direct(path, offset, length):
 def losetup(*args):
     return subprocess.run(["losetup", *args], check=True, capture_output=True,
                           text=True).stdout.strip()
+
+
+# Forks from a small interpreter, so that the child's peak RSS (which Linux
+# carries across fork and exec) starts small rather than at pytest's size.
+_RSS_RUNNER = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write("\n%d %d\n" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss))
+"""
+
+
+def peak_rss(cmd):
+    """Run cmd: (exit code, stdout, stderr, peak RSS in bytes)."""
+    import sys
+    proc = subprocess.run([sys.executable, "-S", "-c", _RSS_RUNNER, *cmd],
+                          capture_output=True, text=True)
+    tail = proc.stderr.rstrip("\n").rpartition("\n")[2]
+    code, maxrss = map(int, tail.split())
+    return code, proc.stdout, proc.stderr[:-(len(tail) + 2)], maxrss * 1024

@@ -1,7 +1,6 @@
 """status on a 1 TiB sparse device with 256 MiB cached: right answer, bounded memory."""
 
 import os
-import resource
 import subprocess
 import sys
 
@@ -14,15 +13,6 @@ TiB = 1 << 40
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_of(cmd):
-    """Run cmd; its exit code, stdout and peak RSS in bytes (wait4 rusage)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out.decode(), err.decode(), usage.ru_maxrss * 1024
-
-
 @pytest.mark.parametrize("interface", ["cachestat", "mincore"])
 def test_one_tib_status_under_40_mib(loops, interface):
     dev = loops.attach(size=TiB)
@@ -33,7 +23,7 @@ def test_one_tib_status_under_40_mib(loops, interface):
         kernel.read_buffered(fd, i * (TiB // 64), 4 * MiB)
     expected = kernel.cached_pages(dev)
     assert expected == 256 * MiB // PAGE
-    code, out, err, rss = peak_rss_of([sys.executable, "-m", "blkcache", "status", "-b", "-n",
+    code, out, err, rss = kernel.peak_rss([sys.executable, "-m", "blkcache", "status", "-b", "-n",
                                        "--interface", interface, dev])
     assert (code, err) == (0, "")
     assert out.split()[:3] == [str(256 * MiB), str(expected), str(TiB)]
