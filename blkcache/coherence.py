@@ -218,7 +218,7 @@ class _Scan:
                 and b"\0" not in ffi.buffer(self.vec, npages)[:]:
             # Fast path: every page resident and clean; one comparison.
             n = self.read_direct(offset, length)
-            if n == length and self.direct[:length] == memoryview(self.cached)[:length]:
+            if n == length and self.cached[:length] == self.direct[:length]:
                 self.compared += npages
                 return
         # Units (logical blocks >= a page) that hold a dirty page are not read
