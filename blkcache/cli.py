@@ -484,12 +484,14 @@ def render_status_extras(records):
         if "holders" in extra:
             held = extra["holders"]
             lines = [h.describe() for h in held.processes + held.mounts + held.stacked]
-            if not lines:
+            if held.rdev is None:
+                lines = ["holders are listed for block devices only"]
+            elif not lines:
                 lines = ["no other holder (the cache goes when the last opener closes it)"]
             for line in lines:
                 click.echo(f"{name}: {display(line)}")
             if held.unreadable:
-                click.echo(f"{name}: {held.unreadable} processes could not be inspected "
+                click.echo(f"{name}: {held.unreadable} process(es) could not be inspected "
                            "(permission)")
 
 

@@ -118,3 +118,21 @@ def test_bad_device_and_options(tmp_path):
     assert out.stderr.startswith("blkcache: ") and "missing" in out.stderr
     out = blkcache_cli("watch", "--interval", "0", "/dev/null")
     assert out.returncode == 2 and out.stderr.startswith("blkcache: ")
+
+
+def test_unknown_state_stops_at_once(loopdev):
+    """Not owner, no write access, no CAP_FOWNER: one unknown sample, then stop."""
+    code = f"""
+import os
+from blkcache import api, exitcodes
+from blkcache.watch import watch
+t = api.Target({str(loopdev)!r})
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+samples = list(watch(t, interval=0.01, count=50))
+print(len(samples), samples[0].state.exact, samples[0].state.cached,
+      exitcodes.for_watch(samples[-1]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "False", "None", "3"]
