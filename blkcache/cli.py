@@ -461,10 +461,11 @@ def status_extras(target, state, holders, show_map, interface, as_json):
 
         extra["holders"] = holders_of(target)
     if show_map:
+        from .api import Range
         from .resmap import residency_map
 
         with Progress(f"mapping {display(target.path)}", enabled=not as_json) as progress:
-            extra["map"] = residency_map(target, rng=target.range(state.offset, state.length),
+            extra["map"] = residency_map(target, rng=Range(state.offset, state.length),
                                          interface=interface, progress=progress)
     if as_json:
         return {key: value.to_dict() for key, value in extra.items()}
