@@ -17,11 +17,14 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 EXIT_STATUS_HELP = """\b
 Exit status:
-  0   success; verify: no page of the range is cached
-  1   pages remain cached (verify found some, drop could not drop all)
+  0   success; verify: no page of the range is cached;
+      verify --coherence: every clean cached page matches the device
+  1   pages remain cached (verify found some, drop could not drop all);
+      verify --coherence: stale pages; watch --until-empty: pages remain
   2   usage error or bad input (option, size, range, path, file type)
   3   unknown: the kernel will not tell this user; never "clean"
-  4   drop --expect-clean refused: dirty pages found, nothing done
+  4   drop --expect-clean refused: dirty pages found, nothing done;
+      verify --coherence: dirty pages not compared (and none stale)
   5   failure: permission denied, I/O error, failed write-back, method
       unavailable, device gone
   32  several devices: all failed;  64  several devices: some failed"""
@@ -105,11 +108,13 @@ def output_options(func):
     return wrapper
 
 
-def run_targets(paths, action):
+def run_targets(paths, action, recursive=False):
     """Open every path, run ``action(target)`` on each, combine exit codes.
 
     ``action`` returns (record, code).  API errors become one line on
-    stderr; bad input on any path stops before anything is done.
+    stderr; bad input on any path stops before anything is done.  With
+    ``recursive``, each path is expanded into itself, its partitions and the
+    devices below it (see expand_devices).
     """
     import contextlib
 
@@ -117,6 +122,8 @@ def run_targets(paths, action):
     from .errors import BlkcacheError
 
     records, codes = [], []
+    if recursive:
+        paths, codes = expand_devices(paths)
     with contextlib.ExitStack() as stack:
         try:
             targets = api.open_targets(paths, stack)
@@ -180,26 +187,42 @@ def cli():
 @range_options
 @click.option("-b", "--bytes", "in_bytes", is_flag=True, help="Print sizes in bytes.")
 @click.option("-n", "--noheadings", is_flag=True, help="Do not print a header line.")
+@click.option("--holders", is_flag=True,
+              help="Also list who holds each device open: processes (pid, command, fds, "
+                   "mappings), mounts and stacked devices (sysfs holders).")
+@click.option("--map", "show_map", is_flag=True,
+              help="Also draw where the cached pages are: 64 columns, ' ' none, 'o' part, "
+                   "'O' all cached (like vmtouch -v).")
+@click.option("-r", "--recursive", is_flag=True,
+              help="Also each device's partitions and the devices below it (a partition's "
+                   "disk, sysfs slaves), each on its own row.")
 @output_options
-def status(devices, offset, length, interface, in_bytes, noheadings, as_json):
+def status(devices, offset, length, interface, in_bytes, noheadings, holders, show_map,
+           recursive, as_json):
     """Show how much of each DEVICE is in the page cache.
 
     One row per device, like fincore(1): RES (bytes cached), PAGES (pages
     cached), SIZE (of the range), DIRTY and WRITEBACK (pages; '-' where
     mincore(2) answered, which does not tell).  '?' means the kernel will
     not tell this user (exit 3).  JSON sizes are always in bytes.
+
+    Each partition and stacked device has a page cache of its own: see
+    --recursive.  The cache lives only while someone holds the device open:
+    see --holders.
     """
     from . import exitcodes
 
     def action(target):
         state = target.status(offset, length, interface)
-        return state, exitcodes.for_state(state)
+        extra = status_extras(target, state, holders, show_map, interface, as_json)
+        return (state, extra), exitcodes.for_state(state)
 
-    states, code = run_targets(devices, action)
+    records, code = run_targets(devices, action, recursive)
     if as_json:
-        emit_json("devices", [s.to_dict() for s in states])
-    elif states:
-        click.echo(render_table(states, in_bytes, noheadings))
+        emit_json("devices", [{**s.to_dict(), **extra} for s, extra in records])
+    elif records:
+        click.echo(render_table([s for s, _ in records], in_bytes, noheadings))
+        render_status_extras(records)
     return code
 
 
@@ -256,8 +279,12 @@ def drop_line(result):
 @click.option("--retries", type=click.IntRange(0, 20), default=6, show_default=True,
               help="Retries, with a growing pause, for pages busy under I/O.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-r", "--recursive", is_flag=True,
+              help="Also drop each device's partitions and the devices below it (a "
+                   "partition's disk, sysfs slaves).")
 @output_options
-def drop(devices, offset, length, interface, method, expect_clean, retries, quiet, as_json):
+def drop(devices, offset, length, interface, method, expect_clean, retries, quiet, recursive,
+         as_json):
     """Write back, drop and verify the page cache of each DEVICE.
 
     Dirty pages are written back first (fdatasync); if that fails nothing is
@@ -273,7 +300,7 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, quie
             click.echo(drop_line(result))
         return result, exitcodes.for_drop(result)
 
-    results, code = run_targets(devices, action)
+    results, code = run_targets(devices, action, recursive)
     if as_json:
         emit_json("devices", [r.to_dict() for r in results])
     return code
@@ -283,16 +310,35 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, quie
 @click.argument("devices", nargs=-1, required=True, metavar="DEVICE...")
 @range_options
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--coherence", is_flag=True,
+              help="Instead: compare every cached page with the bytes on the device "
+                   "(O_DIRECT) and report stale ranges; exit 1 if any page is stale. "
+                   "Adds no page to the cache and never writes.")
+@click.option("-r", "--recursive", is_flag=True,
+              help="Also each device's partitions and the devices below it (a "
+                   "partition's disk, sysfs slaves).")
 @output_options
-def verify(devices, offset, length, interface, quiet, as_json):
+def verify(devices, offset, length, interface, quiet, coherence, recursive, as_json):
     """Check that no page of each DEVICE is cached.
 
     Exit status 0 only when the kernel says the range holds no cached page;
     1 when pages are resident; 3 when the kernel will not tell this user
     (cachestat EPERM, restricted mincore): never a false "clean".
+
+    With --coherence, cached pages are expected and fine as long as they
+    hold the bytes on the device: every resident page (mincore map, 128 MiB
+    windows) is compared with an O_DIRECT read.  Stale ranges are listed;
+    dirty or write-back pages are not compared (they legitimately differ,
+    and a direct read would write them back) and are listed apart; pages
+    evicted during the scan are counted as not compared.  Exit 0 coherent,
+    1 stale, 4 dirty pages (none stale), 3 unknown (needs cachestat(2) and
+    a kernel that tells this user).
     """
     from . import exitcodes
     from .sizes import format_size
+
+    if coherence:
+        return verify_coherence(devices, offset, length, quiet, recursive, as_json)
 
     def action(target):
         check = target.verify(offset, length, interface)
@@ -305,7 +351,7 @@ def verify(devices, offset, length, interface, quiet, as_json):
                            f"{state.pages} pages ({format_size(state.cached_bytes)}) cached")
         return check, exitcodes.for_verdict(check.verdict)
 
-    checks, code = run_targets(devices, action)
+    checks, code = run_targets(devices, action, recursive)
     if as_json:
         emit_json("devices", [c.to_dict() for c in checks])
     return code
@@ -332,6 +378,266 @@ def demo(size):
     except (OSError, BlkcacheError) as exc:
         error(describe(exc))
         return exitcodes.FAILURE
+    return exitcodes.OK
+
+
+# ---- migration toolkit: --recursive, --holders, --map, --coherence, watch, hook ----
+
+
+class Progress:
+    """A click progress bar on standard error for scans that run long.
+
+    Nothing is drawn unless ``enabled`` (not --json), standard error is a
+    terminal, and the scan has already run for ``delay`` seconds: short
+    scans and piped runs stay silent.  Call it as progress(done, total).
+    """
+
+    def __init__(self, label, enabled=True, delay=1.0, file=None):
+        import time
+
+        self.label = label
+        self.file = file if file is not None else sys.stderr
+        self.enabled = enabled and _isatty(self.file)
+        self.delay = delay
+        self.clock = time.monotonic
+        self.started = self.clock()
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, done, total):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if self.clock() - self.started < self.delay:
+                return
+            self.bar = click.progressbar(length=max(total, 1), label=self.label,
+                                         file=self.file)
+            self.bar.__enter__()
+        self.bar.update(max(0, done - self.done))
+        self.done = done
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _isatty(file):
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def expand_devices(paths):
+    """(device paths, codes): each path, its partitions and the devices below.
+
+    Related devices without a node in /dev get one error line and code 5.
+    """
+    from . import exitcodes, stack
+
+    out, codes = [], []
+    for rel in stack.expand_all(paths):
+        if rel.missing:
+            error(f"{display(rel.name)} ({rel.rdev}, {rel.relation} of "
+                  f"{display(rel.parent)}): no device node in /dev; not handled")
+            codes.append(exitcodes.FAILURE)
+        else:
+            out.append(rel.path)
+    return out, codes
+
+
+def status_extras(target, state, holders, show_map, interface, as_json):
+    """The --holders and --map parts of one status record (a dict)."""
+    extra = {}
+    if holders:
+        from .holders import holders_of
+
+        extra["holders"] = holders_of(target)
+    if show_map:
+        from .api import Range
+        from .resmap import residency_map
+
+        with Progress(f"mapping {display(target.path)}", enabled=not as_json) as progress:
+            extra["map"] = residency_map(target, rng=Range(state.offset, state.length),
+                                         interface=interface, progress=progress)
+    if as_json:
+        return {key: value.to_dict() for key, value in extra.items()}
+    return extra
+
+
+def render_status_extras(records):
+    from .sizes import format_size
+
+    for state, extra in records:
+        name = display(state.path)
+        if "map" in extra:
+            rmap = extra["map"]
+            per = rmap.length // max(1, len(rmap.bucket_pages))
+            click.echo(f"{name}: {rmap.render()} {format_size(rmap.length)}, "
+                       f"{format_size(per)} per column")
+        if "holders" in extra:
+            held = extra["holders"]
+            lines = [h.describe() for h in held.processes + held.mounts + held.stacked]
+            if held.rdev is None:
+                lines = ["holders are listed for block devices only"]
+            elif not lines:
+                lines = ["no other holder (the cache goes when the last opener closes it)"]
+            for line in lines:
+                click.echo(f"{name}: {display(line)}")
+            if held.unreadable:
+                click.echo(f"{name}: {held.unreadable} process(es) could not be inspected "
+                           "(permission)")
+
+
+def coherence_lines(report):
+    """Text lines for one coherence report."""
+    from .sizes import format_size
+
+    name = display(report.path)
+    if report.verdict == "unknown":
+        return [f"{name}: unknown: {report.reason}"]
+    head = {"coherent": f"coherent: {report.compared} cached pages match the device",
+            "stale": f"stale: {report.stale} of {report.compared} compared pages differ "
+                     "from the device",
+            "dirty": f"dirty: {report.compared} cached pages match the device, "
+                     f"{report.dirty} dirty pages could not be compared"}[report.verdict]
+    lines = [f"{name}: {head} ({report.resident} resident, {report.dirty} dirty and "
+             f"{report.vanished} evicted not compared)"]
+    for kind, ranges in (("stale", report.stale_ranges), ("dirty", report.dirty_ranges),
+                         ("evicted", report.vanished_ranges)):
+        for off, length in ranges:
+            lines.append(f"  {kind} offset {off} length {length} "
+                         f"({length // report.page_size} pages, {format_size(length)})")
+    if report.truncated:
+        lines.append("  (more ranges not listed; counts are exact)")
+    return lines
+
+
+def verify_coherence(devices, offset, length, quiet, recursive, as_json):
+    from . import exitcodes
+    from .coherence import check
+
+    def action(target):
+        with Progress(f"comparing {display(target.path)}", enabled=not as_json) as progress:
+            report = check(target, offset, length, progress=progress)
+        if not quiet and not as_json:
+            for line in coherence_lines(report):
+                click.echo(line)
+        return report, exitcodes.for_coherence(report)
+
+    reports, code = run_targets(devices, action, recursive)
+    if as_json:
+        emit_json("devices", [r.to_dict() for r in reports])
+    return code
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler of watch."""
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
+@click.argument("device", metavar="DEVICE")
+@range_options
+@click.option("--interval", type=click.FloatRange(0.01, 3600), default=0.5, show_default=True,
+              help="Seconds between samples.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="Stop after this many samples (not lines).")
+@click.option("--until-empty", is_flag=True,
+              help="Stop when no page is cached (exit 1 if stopped otherwise with pages "
+                   "still cached).")
+@click.option("--timeout", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="Stop after this many seconds.")
+@click.option("-b", "--bytes", "in_bytes", is_flag=True, help="Print sizes in bytes.")
+@click.option("-n", "--noheadings", is_flag=True, help="Do not print a header line.")
+@click.option("-J", "--json", "as_json", is_flag=True,
+              help="One JSON object per line (JSON Lines).")
+def watch(device, offset, length, interface, interval, count, until_empty, timeout,
+          in_bytes, noheadings, as_json):
+    """Print a line whenever DEVICE's cached, dirty or writeback pages change.
+
+    Samples every INTERVAL seconds; the first sample is always printed.
+    Stops on --count, --until-empty, --timeout, or SIGINT/SIGTERM (exit 0).
+    For watching a destination host during the migration window.  Lines:
+    TIME (local, ms), RES, PAGES, DIRTY, WRITEBACK ('-' where mincore(2)
+    answered, '?' where the kernel will not tell: then it stops, exit 3).
+    """
+    import signal
+    import time as time_mod
+
+    from . import api, exitcodes
+    from .errors import BlkcacheError
+    from .sizes import format_size
+    from .watch import watch as watch_gen
+
+    def on_term(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    last = None
+    try:
+        with api.Target(device) as target:
+            if not as_json and not noheadings:
+                click.echo(f"{'TIME':>12} {'RES':>7} {'PAGES':>10} {'DIRTY':>8} "
+                           f"{'WRITEBACK':>9} DEVICE")
+            for sample in watch_gen(target, interval, count, until_empty, timeout,
+                                    offset, length, interface):
+                last = sample
+                if as_json:
+                    click.echo(json.dumps(sample.to_dict()))
+                    continue
+                s = sample.state
+                stamp = time_mod.strftime("%H:%M:%S", time_mod.localtime(sample.time))
+                stamp += f".{int(sample.time * 1000) % 1000:03d}"
+
+                def num(value, exact=s.exact):
+                    return "?" if not exact else ("-" if value is None else str(value))
+                res = "?" if s.cached is None else (
+                    str(s.cached_bytes) if in_bytes else format_size(s.cached_bytes))
+                click.echo(f"{stamp:>12} {res:>7} {num(s.cached):>10} {num(s.dirty):>8} "
+                           f"{num(s.writeback):>9} {display(s.path)}")
+    except (KeyboardInterrupt, _Stop):
+        return exitcodes.OK
+    except (OSError, BlkcacheError) as exc:
+        error(describe(exc))
+        return exitcodes.for_error(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return exitcodes.for_watch(last, until_empty)
+
+
+HOOK_HELP = """\b
+Hooks shipped with blkcache:
+  libvirt   /etc/libvirt/hooks/qemu script for migration destinations:
+            on 'migrate begin', 'prepare begin', 'start begin' and
+            'started begin' it reads the domain XML on stdin and runs
+            'blkcache verify --coherence --recursive' then
+            'blkcache drop --expect-clean --recursive' on the domain's
+            <disk type='block'> sources; every other event: exit 0.
+Install:  blkcache hook libvirt > /etc/libvirt/hooks/qemu
+          chmod 755 /etc/libvirt/hooks/qemu"""
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, epilog=HOOK_HELP)
+@click.argument("kind", type=click.Choice(["libvirt"]))
+@click.option("--path", "show_path", is_flag=True,
+              help="Print where the script is installed instead of its text.")
+def hook(kind, show_path):
+    """Print a ready hook script (KIND: libvirt) to install by hand."""
+    from . import exitcodes, hooks
+
+    path = hooks.script_path(kind)
+    if show_path:
+        click.echo(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            click.echo(f.read(), nl=False)
     return exitcodes.OK
 
 

@@ -1,12 +1,17 @@
 """Exit codes of the blkcache command, computed here and nowhere else.
 
-  0   success; verify: the range is known to hold no cached page
-  1   pages remain cached (verify found some; drop could not drop them all)
+  0   success; verify: the range is known to hold no cached page;
+      verify --coherence: every clean cached page matches the device
+  1   pages remain cached (verify found some; drop could not drop them all);
+      verify --coherence: stale pages (cached bytes differ from the device);
+      watch --until-empty: pages still cached when it stopped
   2   usage error or bad input: unknown option, bad size or range, missing
       path, not a block device or regular file, too many devices
   3   unknown: the kernel will not tell this user (cachestat EPERM,
       restricted mincore); never reported as clean
-  4   drop --expect-clean refused: dirty or writeback pages; nothing done
+  4   drop --expect-clean refused: dirty or writeback pages; nothing done;
+      verify --coherence: no stale page, but dirty or writeback pages that
+      could not be compared
   5   failure: permission denied, I/O error, failed write-back (nothing
       dropped), drop method unavailable, device gone
   32  several devices given and every one failed (5)
@@ -76,3 +81,20 @@ def combine(codes):
     if failed:
         return SOME_FAILED
     return max(codes, key=_SEVERITY.index)
+
+
+def for_coherence(report):
+    """verify --coherence: 0 coherent, 1 stale, 4 dirty (not compared), 3 unknown."""
+    return {"coherent": OK, "stale": RESIDENT, "dirty": DIRTY,
+            "unknown": UNKNOWN}[report.verdict]
+
+
+def for_watch(last, until_empty=False):
+    """watch: 3 when the kernel would not tell; with --until-empty, 1 if pages remain."""
+    if last is None:
+        return OK
+    if not last.state.exact:
+        return UNKNOWN
+    if until_empty and last.state.cached:
+        return RESIDENT
+    return OK

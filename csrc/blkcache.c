@@ -314,3 +314,118 @@ int blkcache_cache_stat(int fd, uint64_t offset, uint64_t length, int flags,
     }
     return blkcache_mincore(fd, offset, length, window, nthreads, st);
 }
+
+/* ---- coherence scan: residency runs and resident-only reads ---------- */
+
+#define RUNS_MAX_WINDOW (128ULL << 20)
+
+static int window_ok(int fd, uint64_t offset, uint64_t length)
+{
+    int trusted = 0;
+
+    if (offset % page_size() != 0 || length == 0 || length > RUNS_MAX_WINDOW
+        || !range_ok(offset, length)) {
+        errno = EINVAL;
+        return 0;
+    }
+    if (blkcache_residency_trusted(fd, &trusted) != 0)
+        return 0;
+    if (!trusted) {
+        errno = EPERM;
+        return 0;
+    }
+    return 1;
+}
+
+int blkcache_resident_runs(int fd, uint64_t offset, uint64_t length,
+                           uint64_t *runs, uint64_t max_runs, uint64_t *nruns)
+{
+    const uint64_t ps = page_size();
+    uint64_t pages, i, n = 0, start = 0;
+    unsigned char *vec = NULL;
+    void *map = MAP_FAILED;
+    size_t maplen;
+    int in_run = 0, rc = -1, err = 0;
+
+    if (!window_ok(fd, offset, length))
+        return -1;
+    pages = (length + ps - 1) / ps;
+    maplen = (size_t)(pages * ps);
+    vec = malloc((size_t)pages);
+    if (vec == NULL)
+        return -1;
+    map = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+    if (map == MAP_FAILED) {
+        err = errno;
+        goto out;
+    }
+    if (mincore(map, maplen, vec) != 0) {
+        err = errno;
+        goto out;
+    }
+    for (i = 0; i <= pages; i++) {
+        int resident = i < pages && (vec[i] & 1);
+        if (resident && !in_run) {
+            start = i;
+            in_run = 1;
+        } else if (!resident && in_run) {
+            if (n >= max_runs) {
+                err = ENOBUFS;
+                goto out;
+            }
+            runs[2 * n] = offset + start * ps;
+            runs[2 * n + 1] = (i - start) * ps;
+            n++;
+            in_run = 0;
+        }
+    }
+    *nruns = n;
+    rc = 0;
+out:
+    if (map != MAP_FAILED)
+        munmap(map, maplen);
+    free(vec);
+    if (rc != 0)
+        errno = err ? err : errno;
+    return rc;
+}
+
+int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
+                           void *buf, unsigned char *vec)
+{
+    const uint64_t ps = page_size();
+    uint64_t pages, i;
+    unsigned char one;
+    unsigned char *map;
+    size_t maplen;
+    int err = 0;
+
+    if (!window_ok(fd, offset, length))
+        return -1;
+    pages = (length + ps - 1) / ps;
+    maplen = (size_t)(pages * ps);
+    map = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+    if (map == MAP_FAILED)
+        return -1;
+    /* VM_RAND_READ: faults do neither readaround nor async readahead. */
+    if (madvise(map, maplen, MADV_RANDOM) != 0) {
+        err = errno;
+        goto out;
+    }
+    for (i = 0; i < pages; i++) {
+        if (mincore(map + i * ps, (size_t)ps, &one) != 0) {
+            err = errno;
+            goto out;
+        }
+        vec[i] = one & 1;
+        if (vec[i])
+            memcpy((unsigned char *)buf + i * ps, map + i * ps, (size_t)ps);
+    }
+out:
+    munmap(map, maplen);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}

@@ -73,3 +73,29 @@ int blkcache_residency_trusted(int fd, int *trusted);
 int blkcache_cache_stat(int fd, uint64_t offset, uint64_t length, int flags,
                         uint64_t window, unsigned int nthreads,
                         struct blkcache_stat *st);
+
+/*
+ * Migration toolkit (coherence scan).
+ *
+ * blkcache_resident_runs: mincore(2) over one read-only mapping of
+ * [offset, offset + length) (offset page aligned, length at most 128 MiB,
+ * rounded up to whole pages) and the resident pages as runs: runs[2*i] is
+ * the byte offset and runs[2*i+1] the byte length of run i.  max_runs is the
+ * capacity in runs ((pages + 1) / 2 always suffices); too small: ENOBUFS.
+ * EPERM when blkcache_residency_trusted() says no (the kernel would report
+ * every page resident).
+ */
+int blkcache_resident_runs(int fd, uint64_t offset, uint64_t length,
+                           uint64_t *runs, uint64_t max_runs, uint64_t *nruns);
+
+/*
+ * blkcache_read_resident: copy the pages of [offset, offset + length) that
+ * are resident *now* into buf, through a read-only MADV_RANDOM mapping
+ * (no readahead, synchronous or asynchronous).  Each page is checked with
+ * mincore(2) right before it is copied; vec[i] is set to 1 for a page copied
+ * and 0 for a page not resident (not read, so not brought into the cache).
+ * offset page aligned, length at most 128 MiB; buf holds length bytes rounded
+ * up to a page, vec one byte per page.  EPERM as for blkcache_resident_runs.
+ */
+int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
+                           void *buf, unsigned char *vec);
