@@ -174,7 +174,9 @@ class HelperStatus:
     capabilities: Optional[str]     # getcap-style text, None when none
     cap_sys_admin: bool             # CAP_SYS_ADMIN in the file's permitted set
     nosuid: bool                    # on a nosuid mount: file capabilities ignored
-    no_new_privs: bool              # this process: file capabilities ignored
+    no_new_privs: bool              # this process runs with no_new_privs
+    granted: Optional[bool]         # the kernel gave the helper CAP_SYS_ADMIN when
+                                    # run from this process (None: not probed)
     usable: bool
     problem: Optional[str]
     fix: Optional[str]
@@ -183,10 +185,38 @@ class HelperStatus:
         return asdict(self)
 
 
-def helper_status(path=None):
-    """HelperStatus of the helper at ``path`` (default: the installed one)."""
+def probe_helper(path):
+    """Whether the kernel grants the helper CAP_SYS_ADMIN when we run it.
+
+    The helper checks its permitted set before it looks at the file: given
+    ``fd:0`` with /dev/null on stdin it says "not a block device" (exit 2)
+    when it holds the capability, "CAP_SYS_ADMIN is not permitted" (exit 1)
+    when the kernel withheld it (nosuid mount, no_new_privs, user namespace,
+    a security module...).  None when the answer is neither.
+    """
+    try:
+        proc = subprocess.run([path, "fd:0"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={},
+                              cwd="/", timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    err = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode == 2 and err.endswith(": not a block device\n"):
+        return True
+    if proc.returncode == 1 and "CAP_SYS_ADMIN is not permitted" in err:
+        return False
+    return None
+
+
+def helper_status(path=None, probe=True):
+    """HelperStatus of the helper at ``path`` (default: the installed one).
+
+    With ``probe``, a helper that carries the capability is run once (see
+    probe_helper) so that the answer is the kernel's, not a guess.
+    """
     path = path or helper_path()
     installed, executable, text, has_cap, nosuid = None, False, None, False, False
+    granted = None
     nnp = no_new_privs()
     problem = fix = None
     try:
@@ -224,19 +254,27 @@ def helper_status(path=None):
                    if text is None else
                    f"{path} carries {text}, not cap_sys_admin in its permitted set")
         fix = setcap_command(path)
-    elif installed and nosuid:
-        problem = (f"{path} is on a file system mounted nosuid, where the kernel "
-                   "ignores file capabilities")
-        fix = "install blkcache on a file system mounted without nosuid"
-    elif installed and nnp:
-        problem = ("this process runs with no_new_privs, so the kernel grants no file "
-                   "capability to programs it starts")
-        fix = ("run blkcache without no_new_privs (systemd: NoNewPrivileges=no; "
-               "setpriv/bwrap without --no-new-privs)")
-    usable = bool(installed and executable and has_cap and not nosuid and not nnp
-                  and problem is None)
-    return HelperStatus(path, installed, executable, text, has_cap, nosuid, nnp, usable,
-                        problem, fix)
+    if installed and executable and has_cap and problem is None and probe:
+        granted = probe_helper(path)
+        if granted is False and nosuid:
+            problem = (f"{path} is on a file system mounted nosuid, where the kernel "
+                       "ignores file capabilities")
+            fix = "install blkcache on a file system mounted without nosuid"
+        elif granted is False and nnp:
+            problem = ("this process runs with no_new_privs, and the kernel grants no "
+                       "file capability to the programs it starts")
+            fix = ("run blkcache without no_new_privs (systemd: NoNewPrivileges=no; "
+                   "setpriv/bwrap without --no-new-privs)")
+        elif granted is False:
+            problem = (f"the kernel does not grant {path} its file capability when this "
+                       "process runs it (user namespace or security module?)")
+            fix = "run blkcache in the initial user namespace, unconfined"
+        elif granted is None:
+            problem = f"{path} did not answer its capability probe as expected"
+            fix = f"reinstall blkcache; check that {path} is the blkcache-flush it built"
+    usable = bool(installed and executable and has_cap and granted and problem is None)
+    return HelperStatus(path, installed, executable, text, has_cap, nosuid, nnp, granted,
+                        usable, problem, fix)
 
 
 def ioctl_fix():

@@ -13,13 +13,16 @@
  *      empties the ambient set);
  *   3. exactly one argument: a path or "fd:N" (N a decimal fd the caller
  *      passed down, digits only);
- *   4. open the path with the caller's own permissions (effective set empty:
+ *   4. fail unless CAP_SYS_ADMIN is permitted (so "fd:0" with /dev/null on
+ *      stdin tells a caller whether the kernel grants the capability: exit 2
+ *      "not a block device" if it does, exit 1 if it does not);
+ *   5. open the path with the caller's own permissions (effective set empty:
  *      no CAP_DAC_OVERRIDE) read-only, O_NONBLOCK|O_CLOEXEC|O_NOCTTY; or
  *      check that fd N is open and not an O_PATH fd;
- *   5. fstat the fd: only a block device is accepted;
- *   6. raise CAP_SYS_ADMIN into the effective set, ioctl(BLKFLSBUF), then
+ *   6. fstat the fd: only a block device is accepted;
+ *   7. raise CAP_SYS_ADMIN into the effective set, ioctl(BLKFLSBUF), then
  *      drop every capability;
- *   7. exit 0 (flushed), 1 (the operation failed) or 2 (usage or bad input),
+ *   8. exit 0 (flushed), 1 (the operation failed) or 2 (usage or bad input),
  *      with one "blkcache-flush: ..." line on stderr on failure.
  *
  * It reads no environment variable, executes nothing and writes no file.
@@ -151,7 +154,7 @@ int main(int argc, char **argv)
         return EXIT_FAILED;
     }
     permitted = (caps[CAP_TO_INDEX(CAP_SYS_ADMIN)].permitted &
-                 (CAP_TO_MASK(CAP_SYS_ADMIN))) != 0;
+                 CAP_TO_MASK(CAP_SYS_ADMIN)) != 0;
     if (cap_set(permitted, 0) != 0) {
         fail(NULL, "cannot drop capabilities", errno);
         return EXIT_FAILED;
@@ -161,11 +164,17 @@ int main(int argc, char **argv)
         return usage();
     arg = argv[1];
 
-    if (strncmp(arg, FD_PREFIX, strlen(FD_PREFIX)) == 0) {
-        if (parse_fd(arg, &fd) != 0) {
-            fail(arg, "not a file descriptor number", 0);
-            return EXIT_USAGE;
-        }
+    if (strncmp(arg, FD_PREFIX, strlen(FD_PREFIX)) == 0 && parse_fd(arg, &fd) != 0) {
+        fail(arg, "not a file descriptor number", 0);
+        return EXIT_USAGE;
+    }
+    if (!permitted) {
+        fail(arg, "CAP_SYS_ADMIN is not permitted to this program "
+             "(an administrator grants it with setcap cap_sys_admin+p)", EPERM);
+        return EXIT_FAILED;
+    }
+
+    if (fd >= 0) {
         flags = fcntl(fd, F_GETFL);
         if (flags < 0) {
             fail(arg, "not an open file descriptor", errno);
@@ -192,11 +201,6 @@ int main(int argc, char **argv)
     if (!S_ISBLK(sb.st_mode)) {
         fail(arg, "not a block device", 0);
         return EXIT_USAGE;
-    }
-    if (!permitted) {
-        fail(arg, "CAP_SYS_ADMIN is not permitted to this program "
-             "(an administrator grants it with setcap cap_sys_admin+p)", EPERM);
-        return EXIT_FAILED;
     }
 
     /* The only moment any capability is effective. */
