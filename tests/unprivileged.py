@@ -161,7 +161,12 @@ def node_mode(device, mode):
 
 
 def cached_loop(loopdev, mib=16):
-    """Fill loopdev's cache with a buffered read (root's fd); the page count."""
+    """Fill loopdev's cache with a buffered read (root's fd); the page count.
+
+    No readahead (POSIX_FADV_RANDOM on this fd): pages still locked by
+    readahead in flight would survive a single drop and make tests flaky.
+    """
+    os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
     kernel.read_buffered(loopdev.fd, 0, mib << 20)
     pages = kernel.cached_pages(loopdev)
     assert pages >= (mib << 20) // kernel.PAGE, "the read did not fill the cache"
