@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -298,14 +299,14 @@ def test_doctor_as_root(loopdev):
     assert report.drop_method.method == "ioctl"
     assert report.devices[0].answers is True and report.devices[0].drop_method == "ioctl"
     assert report.problems == ()
-    proc = subprocess.run([os.sys.executable, "-m", "blkcache", "doctor", "--helper-path"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "blkcache", "doctor", "--helper-path"],
+                          capture_output=True, text=True, cwd="/")
     assert (proc.returncode, proc.stdout) == (0, privilege.helper_path() + "\n")
 
 
 def test_doctor_rejects_bad_usage():
-    proc = subprocess.run([os.sys.executable, "-m", "blkcache", "doctor", "--bogus"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "blkcache", "doctor", "--bogus"],
+                          capture_output=True, text=True, cwd="/")
     assert proc.returncode == 2 and proc.stderr.startswith("blkcache: No such option")
 
 
