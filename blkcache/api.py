@@ -333,7 +333,11 @@ class Target:
         """Write back dirty pages, drop the range's cache, verify; a DropResult.
 
         Order: fdatasync (a failure raises WritebackError and nothing is
-        dropped), then BLKFLSBUF or posix_fadvise(DONTNEED), then a status.
+        dropped), then BLKFLSBUF (``ioctl`` in process, or ``helper``: the
+        setcap helper blkcache-flush on this fd) or posix_fadvise(DONTNEED),
+        then a status.  ``method="auto"`` picks ioctl, helper, fadvise in
+        that order (see blkcache.privilege); falling back to fadvise on a
+        whole block device sets DropResult.warning.
         Pages that survive (readahead in flight) are retried up to ``retries``
         times with a growing pause; mapped pages survive every method.
 

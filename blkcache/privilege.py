@@ -277,10 +277,14 @@ def helper_status(path=None, probe=True):
                         usable, problem, fix)
 
 
-def ioctl_fix():
-    """What makes --method ioctl work: root, or the helper."""
+def ioctl_fix(helper=None):
+    """What makes --method ioctl work: root, or the helper instead."""
+    helper = helper or helper_status()
+    if helper.usable:
+        return (f"run as root (CAP_SYS_ADMIN), or use --method helper or auto: "
+                f"{HELPER_NAME} carries cap_sys_admin+p")
     return ("run as root (CAP_SYS_ADMIN), or let this user drop through the helper: "
-            f"as root, {setcap_command()}, then use --method helper or auto")
+            f"as root, {setcap_command(helper.path)}, then use --method helper or auto")
 
 
 @dataclass(frozen=True)

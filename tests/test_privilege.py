@@ -115,6 +115,12 @@ def test_auto_uses_the_helper_and_empties_the_cache(granted, loopdev):
         assert record["before"]["cached"] == before > 0
         assert record["after"]["cached"] == 0
         assert kernel.cached_pages(loopdev) == 0
+        # With the helper usable, a forced ioctl points at it.
+        proc = granted.blkcache("drop", "--method", "ioctl", loopdev)
+        assert proc.returncode == 5
+        assert proc.stderr.endswith("(fix: run as root (CAP_SYS_ADMIN), or use --method "
+                                    "helper or auto: blkcache-flush carries "
+                                    "cap_sys_admin+p)\n")
 
 
 def test_forced_helper_on_a_node_the_user_can_only_read(granted, loopdev):
