@@ -19,7 +19,7 @@ import shlex
 import struct
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 from . import caps
 from .errors import HelperError, MethodUnavailableError
