@@ -111,10 +111,15 @@ def check_device(path, method_choice, user):
         target = api.Target(path)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        fix = None
         if exc.errno in (errno.EACCES, errno.EPERM):
             fix = (f"let {user} read the node (e.g. setfacl -m u:{shlex.quote(user)}:r "
                    f"{shlex.quote(path)}, or add it to the node's group)")
+        elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            fix = "check the path: no such file or device node"
+        elif exc.errno in (errno.ENXIO, errno.ENODEV):
+            fix = "no device behind the node (detached, or its driver gone)"
+        else:
+            fix = "check the device and the kernel log"
         problems.append(Problem(path, f"cannot open: {reason}", fix))
         return DeviceCheck(path, False, reason, None, None, None, False, None), problems
     except UnsupportedFileError as exc:
