@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from . import caps
+from . import caps, privilege
 from ._native import ffi, lib
 from .errors import (
     CannotTellError,
@@ -31,7 +31,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 INTERFACES = ("auto", "cachestat", "mincore")
-METHODS = ("auto", "ioctl", "fadvise")
+METHODS = ("auto", "ioctl", "helper", "fadvise")
 
 #: How many times drop() retries pages that survived (readahead in flight).
 DEFAULT_RETRIES = 6
@@ -105,10 +105,12 @@ class DropResult:
 
     path: str
     device: str
-    method: str             # "ioctl", "fadvise" (or "helper")
+    method: str             # "ioctl", "helper" or "fadvise"
     attempts: int
     before: CacheState
     after: CacheState
+    #: Set when auto had to fall back to posix_fadvise on a whole block device.
+    warning: Optional[str] = None
 
     @property
     def remaining(self):
@@ -130,7 +132,8 @@ class DropResult:
         return {"path": self.path, "device": self.device, "method": self.method,
                 "attempts": self.attempts, "dropped": self.dropped,
                 "remaining": self.remaining, "complete": self.complete,
-                "before": self.before.to_dict(), "after": self.after.to_dict()}
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "warning": self.warning}
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,9 @@ class Target:
             return method
         usable = self.kind == "block" and self.whole(rng)
         if method == "auto":
-            return "ioctl" if usable and caps.has_sys_admin() else "fadvise"
+            if not usable:
+                return "fadvise"
+            return privilege.auto_method().method
         if self.kind != "block":
             raise MethodUnavailableError(
                 "BLKFLSBUF works on block devices only", self.path,
@@ -298,10 +303,12 @@ class Target:
             raise MethodUnavailableError(
                 "BLKFLSBUF drops the whole device, not a range", self.path,
                 fix="drop a range with --method fadvise")
-        if not caps.has_sys_admin():
+        if method == "helper":
+            privilege.require_helper(self.path)
+        elif not caps.has_sys_admin():
             raise MethodUnavailableError(
                 "BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
-                self.path, fix="run as root")
+                self.path, fix=privilege.ioctl_fix())
         return method
 
     def _sync(self, rng, before, interface):
@@ -311,6 +318,9 @@ class Target:
             raise WritebackError(err, self.path, before, after)
 
     def _drop_once(self, method, rng):
+        if method == "helper":
+            privilege.run_helper(self.fd, self.path)
+            return
         if method == "ioctl":
             rc = lib.blkcache_flush_buffers(self.fd)
         else:
@@ -323,7 +333,11 @@ class Target:
         """Write back dirty pages, drop the range's cache, verify; a DropResult.
 
         Order: fdatasync (a failure raises WritebackError and nothing is
-        dropped), then BLKFLSBUF or posix_fadvise(DONTNEED), then a status.
+        dropped), then BLKFLSBUF (``ioctl`` in process, or ``helper``: the
+        setcap helper blkcache-flush on this fd) or posix_fadvise(DONTNEED),
+        then a status.  ``method="auto"`` picks ioctl, helper, fadvise in
+        that order (see blkcache.privilege); falling back to fadvise on a
+        whole block device sets DropResult.warning.
         Pages that survive (readahead in flight) are retried up to ``retries``
         times with a growing pause; mapped pages survive every method.
 
@@ -332,7 +346,11 @@ class Target:
         the kernel will not tell, CannotTellError.
         """
         rng = self.range(offset, length)
-        method = self.resolve_method(method, rng)
+        requested, method = method, self.resolve_method(method, rng)
+        warning = None
+        if requested == "auto" and method == "fadvise" and self.kind == "block" \
+                and self.whole(rng):
+            warning = privilege.fallback_warning()
         before = self.status(rng=rng, interface=interface)
         if expect_clean:
             if before.dirty is None or before.writeback is None:
@@ -356,7 +374,7 @@ class Target:
                 break
             time.sleep(delay)
             delay *= 2
-        return DropResult(self.path, self.device, method, attempts, before, after)
+        return DropResult(self.path, self.device, method, attempts, before, after, warning)
 
     def verify(self, offset=0, length=None, interface="auto"):
         """Verification: "clean" only when the range is known to hold no page."""

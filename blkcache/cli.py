@@ -253,8 +253,8 @@ def drop_line(result):
     from .sizes import format_size
 
     before, after = result.before, result.after
-    method = {"ioctl": "BLKFLSBUF", "fadvise": "posix_fadvise"}.get(result.method,
-                                                                    result.method)
+    method = {"ioctl": "BLKFLSBUF", "fadvise": "posix_fadvise",
+              "helper": "BLKFLSBUF via blkcache-flush"}.get(result.method, result.method)
     if after.cached is None:
         return (f"{display(result.path)}: dropped with {method}; the kernel will not tell "
                 "this user whether pages remain (unknown)")
@@ -269,10 +269,12 @@ def drop_line(result):
 @cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
 @click.argument("devices", nargs=-1, required=True, metavar="DEVICE...")
 @range_options
-@click.option("--method", type=click.Choice(["auto", "ioctl", "fadvise"]), default="auto",
-              show_default=True,
-              help="ioctl: BLKFLSBUF (whole device, needs CAP_SYS_ADMIN); fadvise: "
-                   "posix_fadvise(DONTNEED), no privilege; auto: ioctl when allowed.")
+@click.option("--method", type=click.Choice(["auto", "ioctl", "helper", "fadvise"]),
+              default="auto", show_default=True,
+              help="ioctl: BLKFLSBUF (whole device, needs CAP_SYS_ADMIN); helper: "
+                   "BLKFLSBUF through the setcap helper blkcache-flush; fadvise: "
+                   "posix_fadvise(DONTNEED), no privilege; auto: ioctl, else helper, "
+                   "else fadvise with a warning (see 'blkcache doctor').")
 @click.option("--expect-clean", is_flag=True,
               help="Migration destination: if any page is dirty or under write-back, "
                    "flush nothing, drop nothing and exit 4.")
@@ -296,6 +298,8 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, quie
 
     def action(target):
         result = target.drop(offset, length, method, expect_clean, retries, interface)
+        if result.warning and not quiet:
+            error(f"warning: {display(result.path)}: {result.warning}")
         if not quiet and not as_json:
             click.echo(drop_line(result))
         return result, exitcodes.for_drop(result)
@@ -639,6 +643,93 @@ def hook(kind, show_path):
         with open(path, encoding="utf-8") as f:
             click.echo(f.read(), nl=False)
     return exitcodes.OK
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("devices", nargs=-1, metavar="[DEVICE]...")
+@click.option("--helper-path", is_flag=True,
+              help="Print only the path of the setcap helper blkcache-flush (for "
+                   "setcap cap_sys_admin+p \"$(blkcache doctor --helper-path)\").")
+@output_options
+def doctor(devices, helper_path, as_json):
+    """Check what blkcache can do here, as this user, and how to fix it.
+
+    Reports the kernel, whether cachestat(2) exists, this process's effective
+    capabilities, the helper blkcache-flush and its file capability, the
+    method 'drop' will use, and for each DEVICE whether status and verify
+    will get counts from the kernel as this user or only "unknown".  Each
+    problem comes with a fix.  Exit status 0 once the report is printed
+    (problems or not), 2 on bad usage, 5 when --helper-path finds no helper.
+    """
+    from . import exitcodes
+
+    if helper_path:
+        from . import privilege
+
+        path = privilege.helper_path()
+        if not privilege.helper_status(path).installed:
+            error(f"{display(path)}: {privilege.HELPER_NAME} is not installed")
+            return exitcodes.FAILURE
+        click.echo(path)
+        return exitcodes.OK
+    from .doctor import doctor as run_doctor
+
+    report = run_doctor(devices)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(render_doctor(report))
+    return exitcodes.OK
+
+
+def render_doctor(report):
+    yes = {True: "yes", False: "no", None: "unknown"}
+    caps = report.effective_caps
+    if not caps:
+        cap_text = "none"
+    elif len(caps) <= 4:
+        cap_text = ", ".join(caps)
+    else:
+        cap_text = f"{len(caps)} capabilities"
+    cap_text += (f" (cap_sys_admin: {yes[report.cap_sys_admin]}, "
+                 f"cap_fowner: {yes[report.cap_fowner]})")
+    helper = report.helper
+    if helper.installed is False:
+        helper_text = "not installed"
+    elif helper.usable:
+        helper_text = f"{helper.capabilities}, usable"
+    else:
+        helper_text = f"{helper.capabilities or 'no file capability'}, not usable"
+    lines = [
+        f"kernel:        Linux {report.kernel}, cachestat(2) "
+        + {True: "available", False: "missing (mincore fallback)",
+           None: "unknown"}[report.cachestat_available],
+        f"user:          {display(report.user)} (uid {report.uid}), "
+        f"no_new_privs: {yes[report.no_new_privs]}",
+        f"capabilities:  {cap_text}",
+        f"helper:        {display(helper.path)} ({helper_text})",
+        f"drop method:   {report.drop_method.method}: {report.drop_method.reason}",
+    ]
+    for dev in report.devices:
+        if not dev.opened:
+            lines.append(f"device:        {display(dev.path)}: cannot use: {dev.error}")
+            continue
+        verdict = "counts" if dev.answers else "\"unknown\" (exit 3)"
+        lines.append(f"device:        {display(dev.path)}: {dev.kind}; cachestat "
+                     f"{dev.cachestat}, mincore {dev.mincore}: status/verify give "
+                     f"{verdict}; drop uses {dev.drop_method}")
+    if report.problems:
+        lines.append("problems:")
+        for problem in report.problems:
+            lines.append(f"  - {display(problem.subject)}: {problem.problem}")
+            if problem.fix:
+                lines.append(f"    fix: {problem.fix}")
+    else:
+        lines.append("problems:      none")
+    if helper.installed and not helper.cap_sys_admin:
+        lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
+        lines.append(f"  {report.setcap_command}")
+    return "\n".join(lines)
 
 
 def main(args=None, prog_name="blkcache"):

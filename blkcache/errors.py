@@ -78,3 +78,21 @@ def from_errno(err, path):
 
 NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
                               errno.ELOOP})
+
+
+class HelperError(OSError):
+    """The setcap helper blkcache-flush failed without an errno to report.
+
+    An ``OSError`` (exit status 5 on the command line) whose ``errno`` is
+    None; ``filename`` is the device.  When the helper reports an errno,
+    a plain ``OSError`` with that errno is raised instead.
+    """
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.message = message
+        self.strerror = message
+        self.filename = path
+
+    def __str__(self):
+        return f"{self.filename}: {self.message}" if self.filename else self.message
