@@ -239,8 +239,17 @@ def drop_line(result):
             f"({format_size(after.page_size * (result.dropped or 0))} dropped with {method}, "
             f"{result.attempts} attempt{'s' if result.attempts != 1 else ''})")
     if after.cached:
-        text += ("; pages remain: mapped pages (mmap) and pages under I/O survive a drop")
-    return text
+        text += ("; pages remain: mapped pages (mmap), pages held by a mounted file system "
+                 "and pages under I/O survive a drop")
+    return text + beyond_end_note(before)
+
+
+def beyond_end_note(state):
+    """Mention pages cached past the end of a device that shrank."""
+    if not state.beyond_end:
+        return ""
+    return (f" ({state.beyond_end} of them past the end of the device, which shrank: "
+            "stale if it grows again)")
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
@@ -302,7 +311,8 @@ def verify(devices, offset, length, interface, quiet, as_json):
                 click.echo(f"{display(state.path)}: unknown: {state.reason}")
             else:
                 click.echo(f"{display(state.path)}: {check.verdict}: {state.cached} of "
-                           f"{state.pages} pages ({format_size(state.cached_bytes)}) cached")
+                           f"{state.pages} pages ({format_size(state.cached_bytes)}) cached"
+                           + beyond_end_note(state))
         return check, exitcodes.for_verdict(check.verdict)
 
     checks, code = run_targets(devices, action)

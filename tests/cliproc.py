@@ -1,0 +1,38 @@
+"""Run the blkcache command as a subprocess and check the error contract."""
+
+import os
+import subprocess
+import sys
+
+# The package under test, wherever it was imported from (installed on CI).
+import blkcache
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(blkcache.__file__)))
+
+
+def env():
+    """The environment for a child: it must import the same blkcache."""
+    out = dict(os.environ)
+    path = out.get("PYTHONPATH", "")
+    out["PYTHONPATH"] = PKG_PARENT + (os.pathsep + path if path else "")
+    out["LC_ALL"] = "C.UTF-8"
+    return out
+
+
+def run(*args, timeout=60, stdin=subprocess.DEVNULL):
+    """(returncode, stdout, stderr) of `python -m blkcache ARGS` (bytes args ok)."""
+    proc = subprocess.run([sys.executable, "-m", "blkcache", *args], stdin=stdin,
+                          capture_output=True, timeout=timeout, env=env())
+    out = proc.stdout.decode("utf-8", "surrogateescape")
+    err = proc.stderr.decode("utf-8", "surrogateescape")
+    assert "Traceback" not in err and "Traceback" not in out, err
+    return proc.returncode, out, err
+
+
+def one_error_line(err):
+    """The single 'blkcache: ...' line of stderr (asserts there is exactly one)."""
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("blkcache: "), lines[0]
+    assert err.endswith("\n")
+    return lines[0]
