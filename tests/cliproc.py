@@ -36,3 +36,11 @@ def one_error_line(err):
     assert lines[0].startswith("blkcache: "), lines[0]
     assert err.endswith("\n")
     return lines[0]
+
+
+def run_many(argvs, timeout=60, workers=4):
+    """run() each argv, a few at a time; the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda argv: run(*argv, timeout=timeout), argvs))
