@@ -73,7 +73,8 @@ class CacheState:
     size: int               # bytes
     page_size: int
     offset: int             # page aligned start of the range
-    length: int             # bytes, whole pages (the last may pass the end)
+    length: int             # bytes, whole pages (the last may pass the end;
+                            # short only where 2^63-1 bytes cuts the last page)
     pages: int              # pages in the range
     cached: Optional[int]
     dirty: Optional[int]
@@ -157,7 +158,7 @@ class Range:
 
     @property
     def pages(self):
-        return self.length // PAGE_SIZE
+        return -(-self.length // PAGE_SIZE)
 
 
 class Target:
@@ -246,7 +247,9 @@ class Target:
                 f"range {offset}+{length} ends beyond the end of the device "
                 f"({self.size} bytes)", self.path)
         start = offset // PAGE_SIZE * PAGE_SIZE
-        end = -(-(offset + length) // PAGE_SIZE) * PAGE_SIZE
+        # Rounded up to a page, but never past 2^63-1, which off_t cannot
+        # pass (a device within a page of 8 EiB).
+        end = min(-(-(offset + length) // PAGE_SIZE) * PAGE_SIZE, sizes.MAX_SIZE)
         return Range(start, end - start)
 
     def whole(self, rng):
