@@ -44,3 +44,15 @@ def run_many(argvs, timeout=60, workers=4):
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda argv: run(*argv, timeout=timeout), argvs))
+
+
+def umount(where, tries=50):
+    """umount, retrying while it is briefly busy (a loop device just detached)."""
+    import time
+
+    for _ in range(tries):
+        proc = subprocess.run(["umount", where], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"umount {where}: {proc.stderr.strip()}")

@@ -30,7 +30,7 @@ def mounted(*args):
         try:
             yield where
         finally:
-            subprocess.run(["umount", where], check=True, capture_output=True)
+            cliproc.umount(where)
     finally:
         os.rmdir(where)
 

@@ -108,7 +108,7 @@ def exabyte_device(loops, size):
             kernel.losetup("-d", device)
             loops.devices.remove(device)
     finally:
-        subprocess.run(["umount", mnt], check=True)
+        cliproc.umount(mnt)
         os.rmdir(mnt)
 
 
