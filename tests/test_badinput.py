@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import time
 
 import pytest
@@ -45,6 +46,20 @@ def unused_block_node(directory, name):
     return path
 
 
+def node_dir(directory, mounts):
+    """A directory where device nodes work: directory itself unless its file
+    system is mounted nodev (then opening any node fails with EACCES), else a
+    small tmpfs mounted on a subdirectory (unmounted by the caller)."""
+    if not os.statvfs(directory).f_flag & os.ST_NODEV:
+        return str(directory)
+    sub = os.path.join(directory, "dev")
+    os.mkdir(sub)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", sub],
+                   check=True)
+    mounts.append(sub)
+    return sub
+
+
 @pytest.fixture
 def held(loopdev):
     """The 64 MiB loop device with 4 MiB cached; yields a checker."""
@@ -64,6 +79,7 @@ def held(loopdev):
 def paths(tmp_path, held):
     """Every kind of bad path, by name."""
     d = tmp_path
+    mounts = []
     os.mkfifo(d / "fifo")
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(os.fsencode(d / "socket"))
@@ -80,7 +96,7 @@ def paths(tmp_path, held):
         "socket": str(d / "socket"),
         "dangling": str(d / "dangling"),
         "symlink-loop": str(d / "loop"),
-        "enxio": unused_block_node(str(d), "nodev"),
+        "enxio": unused_block_node(node_dir(d, mounts), "nodev"),
         "newline": str(d / "new\nline"),
         "non-utf8": os.fsdecode(os.fsencode(str(d)) + b"/\xff\xfe\x80bad"),
         "control": str(d / "esc\x1b[31mred\rcr"),
@@ -91,6 +107,8 @@ def paths(tmp_path, held):
     }
     yield out
     sock.close()
+    for where in mounts:
+        cliproc.umount(where)
 
 
 # name -> (exit code, text the line must contain)
