@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from . import caps, sizes
+from . import caps, safeopen, sizes
 from ._native import ffi, lib
 from .errors import (
     CannotTellError,
@@ -177,7 +177,8 @@ class Target:
         if path == "":
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         try:
-            self.fd = os.open(path, OPEN_FLAGS)
+            # Type-checked before anything is opened (see safeopen).
+            self.fd = safeopen.open_checked(path, OPEN_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 # A socket cannot be opened; say what it is rather than ENXIO.

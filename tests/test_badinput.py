@@ -368,3 +368,35 @@ def test_bad_ranges_api(held, offset, length, exc):
         with pytest.raises(ValueError):
             blkcache.drop(held, **kwargs)
     held.unchanged()
+
+
+FIFO_WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)     # blocks until some reader opens the FIFO
+print("released", flush=True)
+"""
+
+
+def test_refused_paths_are_never_opened(tmp_path):
+    """A refused path is not even opened: opening the read end of a FIFO would
+    release a writer blocked in open(2) and then break its pipe (and opening a
+    character device can arm a watchdog, rewind a tape, reset a serial line)."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", FIFO_WRITER, str(fifo)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        for command in COMMANDS:
+            code, out, err = cliproc.run(command, str(fifo), timeout=FIFO_TIMEOUT)
+            assert code == 2 and "(a FIFO)" in cliproc.one_error_line(err)
+        with pytest.raises(blkcache.UnsupportedFileError):
+            blkcache.status(fifo)
+        time.sleep(0.3)
+        assert writer.poll() is None, "the FIFO was opened: its writer got released"
+    finally:
+        writer.kill()
+        writer.wait()
