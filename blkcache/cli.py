@@ -5,8 +5,11 @@ returns an exit code from blkcache.exitcodes.  Only click is imported at
 start-up; the API (and its native module) is imported by the commands.
 """
 
+import contextlib
 import functools
+import io
 import json
+import os
 import sys
 
 import click
@@ -37,7 +40,10 @@ def display(path):
 
 
 def error(message):
-    click.echo(f"blkcache: {message}", err=True)
+    try:
+        click.echo(f"blkcache: {message}", err=True)
+    except OSError:
+        pass    # stderr is gone or full: the exit status still tells
 
 
 def describe(exc):
@@ -145,6 +151,7 @@ class BlkcacheGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        guard = GuardedStdout.install()
         try:
             code = super().main(args=args, prog_name=prog_name or "blkcache",
                                 complete_var=complete_var, standalone_mode=False, **extra)
@@ -160,7 +167,66 @@ class BlkcacheGroup(click.Group):
             code = 130
         except BrokenPipeError:
             code = 0
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        lost = guard.remove() if guard is not None else None
+        if lost is not None:
+            from . import exitcodes
+
+            if not isinstance(lost, BrokenPipeError):
+                error(f"cannot write output: {lost.strerror or lost}")
+            code = exitcodes.for_output_error(code, lost)
+        sys.exit(code)
+
+
+class GuardedStdout(io.TextIOWrapper):
+    """sys.stdout for one command: the first write error is kept, not raised,
+    and output after it is discarded.  A reader that went away (EPIPE) or a
+    full disk must not turn a device's result into a device error."""
+
+    lost = None
+
+    @classmethod
+    def install(cls):
+        out = sys.stdout
+        if getattr(out, "buffer", None) is None:
+            return None
+        out.flush()
+        guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
+                    line_buffering=out.line_buffering)
+        guard.original = out
+        sys.stdout = guard
+        return guard
+
+    def write(self, text):
+        if self.lost is None:
+            try:
+                return super().write(text)
+            except OSError as exc:
+                self._lose(exc)
+        return len(text)
+
+    def flush(self):
+        if self.lost is None:
+            try:
+                super().flush()
+            except OSError as exc:
+                self._lose(exc)
+
+    def _lose(self, exc):
+        self.lost = exc
+        # Bytes still buffered would fail again at exit: send them nowhere.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(devnull, self.buffer.fileno())
+            os.close(devnull)
+
+    def remove(self):
+        """Put the real stdout back; the first write error, or None."""
+        self.flush()
+        sys.stdout = self.original
+        with contextlib.suppress(ValueError):
+            self.detach()
+        return self.lost
 
 
 @click.group(cls=BlkcacheGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)

@@ -400,3 +400,39 @@ def test_refused_paths_are_never_opened(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def _run_to(stdout, *args):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "blkcache", *args], stdout=stdout,
+                            stderr=subprocess.PIPE, env=cliproc.env())
+    if stdout == subprocess.PIPE:
+        proc.stdout.close()          # the reader goes away at once (`| head -c0`)
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=60), err
+
+
+def test_output_that_cannot_be_written(held):
+    """A reader that goes away keeps the verdict; a full disk is a failure, said
+    once; neither is a traceback nor a device error."""
+    import subprocess
+
+    for args, code in ((["verify", held], 1), (["status", held], 0),
+                       (["status", "--json", *[held] * 200], 0), (["drop", held, held], 0)):
+        got, err = _run_to(subprocess.PIPE, *args)
+        assert (got, err) == (code, ""), (args, err)
+        kernel.read_buffered(held.fd, 0, 4 * MiB)
+    with open("/dev/full", "w") as full:
+        for args in (["verify", held], ["status", "--json", held], ["drop", held]):
+            got, err = _run_to(full, *args)
+            assert got == 5, (args, err)
+            assert cliproc.one_error_line(err) == \
+                "blkcache: cannot write output: No space left on device"
+            kernel.read_buffered(held.fd, 0, 4 * MiB)
+        # stderr full too: still the right exit status, and no hang.
+        import sys
+        proc = subprocess.run([sys.executable, "-m", "blkcache", "status", "/nonexistent"],
+                              stdout=full, stderr=full, env=cliproc.env(), timeout=60)
+        assert proc.returncode == 2
