@@ -1,6 +1,8 @@
 """Native code hygiene: sanitizers, gcc -fanalyzer, and an argv fuzz of the helper.
 
 Everything is built in a temporary directory, never in the source tree:
+- blkcache._native itself with -fsanitize=address,undefined, in a copy of the
+  package, under which test_api, test_large and test_faults run again;
 - tests/native/driver.c with csrc/blkcache.c, -fsanitize=address,undefined,
   run on a held loop device and on a regular file (every shim, edge arguments);
 - gcc -fanalyzer over csrc/*.c must print nothing;
@@ -187,3 +189,60 @@ def test_helper_argv_fuzz(helper, loopdev, tmp_path):
                           env=env, pass_fds=(loopdev.fd,))
     check_helper_run(proc, ["fd"])
     assert proc.returncode == 0 and kernel.cachestat(loopdev.fd)["nr_cache"] == 0
+
+
+# -- the Python tests on a sanitized cffi module -----------------------------------
+
+SANITIZED_BUILD = r"""
+import os, sys
+from cffi import FFI
+csrc, tmpdir = sys.argv[1], sys.argv[2]
+ffi = FFI()
+with open(os.path.join(csrc, "blkcache.h")) as f:
+    ffi.cdef(f.read())
+flags = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-fno-omit-frame-pointer"]
+ffi.set_source("blkcache._native", '#include <stdint.h>\n#include "blkcache.h"\n',
+               sources=[os.path.join(csrc, "blkcache.c")], include_dirs=[csrc],
+               extra_compile_args=flags, extra_link_args=flags[2:4], libraries=["pthread"])
+print(ffi.compile(tmpdir=tmpdir))
+"""
+
+
+def test_python_tests_on_a_sanitized_native_module(tmp_path):
+    """test_api, test_large and test_faults with blkcache._native built with
+    ASan+UBSan (the runtimes preloaded into Python), in a copy of the package."""
+    import sys
+
+    import blkcache
+
+    need_sources()
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    runtimes = [subprocess.run(["gcc", f"-print-file-name=lib{name}.so"], capture_output=True,
+                               text=True).stdout.strip() for name in ("asan", "ubsan")]
+    if not all(os.path.isabs(path) and os.path.exists(path) for path in runtimes):
+        pytest.skip("libasan/libubsan not installed")
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(blkcache.__file__), pkg / "blkcache",
+                    ignore=shutil.ignore_patterns("_native*.so", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", SANITIZED_BUILD, CSRC, str(tmp_path / "build")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copy(proc.stdout.strip().splitlines()[-1], pkg / "blkcache")
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), PYTHONPATH=str(pkg),
+               ASAN_OPTIONS="detect_leaks=0:exitcode=99",   # CPython itself "leaks"
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=99",
+               BLKCACHE_REQUIRE_LOOP="1")
+    where = subprocess.run([sys.executable, "-c", "import blkcache._native as n; "
+                            "print(n.__file__)"], cwd=pkg, env=env, capture_output=True,
+                           text=True)
+    assert where.stdout.strip().startswith(str(pkg)), where
+    tests = [os.path.join(HERE, name) for name in ("test_api.py", "test_large.py",
+                                                   "test_faults.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *tests], cwd=pkg, env=env, capture_output=True, text=True,
+                          timeout=600)
+    text = proc.stdout + proc.stderr
+    assert "Sanitizer" not in text and "runtime error" not in text, text[-6000:]
+    assert proc.returncode == 0, text[-6000:]
