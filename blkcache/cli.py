@@ -400,14 +400,14 @@ def demo(size):
     """
     from . import demo as demo_mod
     from . import exitcodes
-    from .errors import BlkcacheError
+    from .errors import BlkcacheError, UsageError
 
     try:
         for step, detail in demo_mod.run(size):
             click.echo(f"{step:>8}: {detail}")
     except (OSError, BlkcacheError) as exc:
         error(describe(exc))
-        return exitcodes.FAILURE
+        return exitcodes.for_error(exc) if isinstance(exc, UsageError) else exitcodes.FAILURE
     return exitcodes.OK
 
 

@@ -436,3 +436,14 @@ def test_output_that_cannot_be_written(held):
         proc = subprocess.run([sys.executable, "-m", "blkcache", "status", "/nonexistent"],
                               stdout=full, stderr=full, env=cliproc.env(), timeout=60)
         assert proc.returncode == 2
+
+
+def test_demo_bad_sizes(loop_available):
+    for size, text in (("0", "demo volume size must be at least 4096 bytes"),
+                       ("4095", "demo volume size must be at least 4096 bytes"),
+                       ("garbage", "invalid size: 'garbage'"), ("-1", "invalid size"),
+                       ("8E", "larger than 2^63-1 bytes")):
+        code, out, err = cliproc.run("demo", "--size", size)
+        line = cliproc.one_error_line(err)
+        assert code == 2 and text in line, (size, line)
+        assert out == ""
