@@ -447,3 +447,22 @@ def test_demo_bad_sizes(loop_available):
         line = cliproc.one_error_line(err)
         assert code == 2 and text in line, (size, line)
         assert out == ""
+
+
+def test_out_of_file_descriptors(held):
+    """More devices than the fd limit allows: one line, exit 5, nothing done."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    for command in COMMANDS:
+        proc = subprocess.run([sys.executable, "-m", "blkcache", command, *[held] * 40],
+                              capture_output=True, text=True, env=cliproc.env(),
+                              preexec_fn=limit, timeout=60)
+        line = cliproc.one_error_line(proc.stderr)
+        assert proc.returncode == 5 and "Too many open files" in line, line
+        assert proc.stdout == ""
+        held.unchanged()
