@@ -466,3 +466,34 @@ def test_out_of_file_descriptors(held):
         assert proc.returncode == 5 and "Too many open files" in line, line
         assert proc.stdout == ""
         held.unchanged()
+
+
+def test_without_proc_the_type_check_still_holds(held, tmp_path):
+    """Without /proc (no reopen through /proc/self/fd) blkcache reopens the
+    path and requires the same inode; refused paths are still never opened."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) not installed")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    script = ('umount -l /proc && test ! -e /proc/self && '
+              f'"{sys.executable}" -m blkcache status -b -n "$1"; echo "rc=$?"; '
+              f'"{sys.executable}" -m blkcache verify "$2"; echo "rc=$?"')
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script, "sh", held, str(fifo)], capture_output=True, text=True,
+                          env=cliproc.env(), timeout=60)
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "rc=2" and lines[-2] == "rc=0", (proc.stdout, proc.stderr)
+    assert lines[0].split()[1] == str(kernel.cachestat(held.fd)["nr_cache"])
+    assert "(a FIFO)" in cliproc.one_error_line(proc.stderr)
+    held.unchanged()
+
+
+def test_api_rejects_a_nul_byte(held):
+    for function in (blkcache.status, blkcache.drop, blkcache.verify):
+        with pytest.raises(ValueError):
+            function(held + "\0x")
+    held.unchanged()
