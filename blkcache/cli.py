@@ -153,6 +153,19 @@ class BlkcacheGroup(click.Group):
              **extra):
         guard = GuardedStdout.install()
         try:
+            code = self._run(args, prog_name, complete_var, **extra)
+        finally:
+            lost = guard.remove() if guard is not None else None
+        if lost is not None:
+            from . import exitcodes
+
+            if not isinstance(lost, BrokenPipeError):
+                error(f"cannot write output: {lost.strerror or lost}")
+            code = exitcodes.for_output_error(code, lost)
+        sys.exit(code)
+
+    def _run(self, args, prog_name, complete_var, **extra):
+        try:
             code = super().main(args=args, prog_name=prog_name or "blkcache",
                                 complete_var=complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
@@ -167,15 +180,7 @@ class BlkcacheGroup(click.Group):
             code = 130
         except BrokenPipeError:
             code = 0
-        code = code if isinstance(code, int) else 0
-        lost = guard.remove() if guard is not None else None
-        if lost is not None:
-            from . import exitcodes
-
-            if not isinstance(lost, BrokenPipeError):
-                error(f"cannot write output: {lost.strerror or lost}")
-            code = exitcodes.for_output_error(code, lost)
-        sys.exit(code)
+        return code if isinstance(code, int) else 0
 
 
 class GuardedStdout(io.TextIOWrapper):
