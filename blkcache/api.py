@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from . import caps, privilege
+from . import caps, privilege, safeopen, sizes
 from ._native import ffi, lib
 from .errors import (
     CannotTellError,
@@ -73,7 +73,8 @@ class CacheState:
     size: int               # bytes
     page_size: int
     offset: int             # page aligned start of the range
-    length: int             # bytes, whole pages (the last may pass the end)
+    length: int             # bytes, whole pages (the last may pass the end;
+                            # short only where 2^63-1 bytes cuts the last page)
     pages: int              # pages in the range
     cached: Optional[int]
     dirty: Optional[int]
@@ -83,6 +84,10 @@ class CacheState:
     interface: str          # "cachestat", "mincore" or "none" (empty range)
     exact: bool
     reason: Optional[str] = None
+    #: Pages cached past the end of the device (included in the counts above):
+    #: a block device that shrank keeps them, and shows them again if it grows.
+    #: None where mincore(2) answered, which cannot see past the end.
+    beyond_end: Optional[int] = 0
 
     @property
     def cached_bytes(self):
@@ -156,7 +161,7 @@ class Range:
 
     @property
     def pages(self):
-        return self.length // PAGE_SIZE
+        return -(-self.length // PAGE_SIZE)
 
 
 class Target:
@@ -175,7 +180,8 @@ class Target:
         if path == "":
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         try:
-            self.fd = os.open(path, OPEN_FLAGS)
+            # Type-checked before anything is opened (see safeopen).
+            self.fd = safeopen.open_checked(path, OPEN_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 # A socket cannot be opened; say what it is rather than ENXIO.
@@ -245,28 +251,69 @@ class Target:
                 f"range {offset}+{length} ends beyond the end of the device "
                 f"({self.size} bytes)", self.path)
         start = offset // PAGE_SIZE * PAGE_SIZE
-        end = -(-(offset + length) // PAGE_SIZE) * PAGE_SIZE
+        # Rounded up to a page, but never past 2^63-1, which off_t cannot
+        # pass (a device within a page of 8 EiB).
+        end = min(-(-(offset + length) // PAGE_SIZE) * PAGE_SIZE, sizes.MAX_SIZE)
         return Range(start, end - start)
 
     def whole(self, rng):
         return rng.offset == 0 and rng.offset + rng.length >= self.size
 
+    def to_end(self, rng):
+        """Whether rng reaches the end of the device (and so takes in the pages
+        cached past it: a block device that shrank keeps those)."""
+        return rng.offset + rng.length >= self.size
+
     # -- status ---------------------------------------------------------------
 
     def _state(self, rng, cached=None, dirty=None, writeback=None, evicted=None,
-               recently_evicted=None, interface="none", exact=True, reason=None):
+               recently_evicted=None, interface="none", exact=True, reason=None,
+               beyond_end=0):
         return CacheState(self.path, self.device, self.kind, self.size, PAGE_SIZE,
                           rng.offset, rng.length, rng.pages, cached, dirty, writeback,
-                          evicted, recently_evicted, interface, exact, reason)
+                          evicted, recently_evicted, interface, exact, reason,
+                          beyond_end)
+
+    def _beyond_end(self, rng):
+        """cachestat(2) of every page past rng, which reaches the end: a
+        struct blkcache_stat, or an errno.
+
+        The kernel does not truncate a block device's page cache when the
+        device shrinks (loop capacity change, volume resize): those pages stay,
+        stale, and a buffered read returns them if the device grows again.
+        """
+        end = rng.offset + rng.length
+        st = ffi.new("struct blkcache_stat *")
+        if end >= sizes.MAX_SIZE:
+            return st
+        if lib.blkcache_cachestat(self.fd, end, sizes.MAX_SIZE - end, st) != 0:
+            return ffi.errno
+        return st
 
     def status(self, offset=0, length=None, interface="auto", rng=None):
-        """CacheState of the range; unknown (exact False) when the kernel won't tell."""
+        """CacheState of the range; unknown (exact False) when the kernel won't tell.
+
+        A range that reaches the end of the device also counts the pages
+        cached past that end (``beyond_end``; cachestat(2) only).
+        """
         if interface not in INTERFACES:
             raise ValueError(f"interface must be one of {', '.join(INTERFACES)}")
         if rng is None:
             rng = self.range(offset, length)
+        extra = None
+        if interface != "mincore" and self.to_end(rng):
+            extra = self._beyond_end(rng)
         if rng.length == 0:
-            return self._state(rng, 0, 0, 0, 0, 0)
+            if extra == errno.EPERM:
+                return self._state(rng, interface="cachestat", exact=False,
+                                   reason=UNKNOWN_REASON, beyond_end=None)
+            if isinstance(extra, int) and (extra != errno.ENOSYS or interface != "auto"):
+                raise from_errno(extra, self.path)
+            if extra is None or isinstance(extra, int):
+                return self._state(rng, 0, 0, 0, 0, 0, beyond_end=None)
+            return self._state(rng, extra.nr_cache, extra.nr_dirty, extra.nr_writeback,
+                               extra.nr_evicted, extra.nr_recently_evicted,
+                               interface="cachestat", beyond_end=extra.nr_cache)
         flags = {"auto": 0, "cachestat": lib.BLKCACHE_NO_MINCORE,
                  "mincore": lib.BLKCACHE_FORCE_MINCORE}[interface]
         st = ffi.new("struct blkcache_stat *")
@@ -275,12 +322,22 @@ class Target:
             err = ffi.errno
             if err == errno.EPERM:
                 used = "mincore" if interface == "mincore" else "cachestat"
-                return self._state(rng, interface=used, exact=False, reason=UNKNOWN_REASON)
+                return self._state(rng, interface=used, exact=False, reason=UNKNOWN_REASON,
+                                   beyond_end=None)
             raise from_errno(err, self.path)
         if st.interface == lib.BLKCACHE_IF_MINCORE:
-            return self._state(rng, st.nr_cache, interface="mincore")
-        return self._state(rng, st.nr_cache, st.nr_dirty, st.nr_writeback, st.nr_evicted,
-                           st.nr_recently_evicted, interface="cachestat")
+            return self._state(rng, st.nr_cache, interface="mincore",
+                               beyond_end=None if self.to_end(rng) else 0)
+        if extra is None:
+            return self._state(rng, st.nr_cache, st.nr_dirty, st.nr_writeback,
+                               st.nr_evicted, st.nr_recently_evicted, interface="cachestat")
+        if isinstance(extra, int):
+            raise from_errno(extra, self.path)
+        return self._state(rng, st.nr_cache + extra.nr_cache, st.nr_dirty + extra.nr_dirty,
+                           st.nr_writeback + extra.nr_writeback,
+                           st.nr_evicted + extra.nr_evicted,
+                           st.nr_recently_evicted + extra.nr_recently_evicted,
+                           interface="cachestat", beyond_end=extra.nr_cache)
 
     # -- drop -----------------------------------------------------------------
 
@@ -324,7 +381,10 @@ class Target:
         if method == "ioctl":
             rc = lib.blkcache_flush_buffers(self.fd)
         else:
-            rc = lib.blkcache_drop_range(self.fd, rng.offset, rng.length)
+            # Length 0 is "to the end of the cache": pages past the end of a
+            # device that shrank go too.
+            length = 0 if self.to_end(rng) else rng.length
+            rc = lib.blkcache_drop_range(self.fd, rng.offset, length)
         if rc != 0:
             _raise_errno(self.path)
 

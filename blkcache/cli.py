@@ -5,8 +5,11 @@ returns an exit code from blkcache.exitcodes.  Only click is imported at
 start-up; the API (and its native module) is imported by the commands.
 """
 
+import contextlib
 import functools
+import io
 import json
+import os
 import sys
 
 import click
@@ -40,7 +43,10 @@ def display(path):
 
 
 def error(message):
-    click.echo(f"blkcache: {message}", err=True)
+    try:
+        click.echo(f"blkcache: {message}", err=True)
+    except OSError:
+        pass    # stderr is gone or full: the exit status still tells
 
 
 def describe(exc):
@@ -152,6 +158,20 @@ class BlkcacheGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        guard = GuardedStdout.install()
+        try:
+            code = self._run(args, prog_name, complete_var, **extra)
+        finally:
+            lost = guard.remove() if guard is not None else None
+        if lost is not None:
+            from . import exitcodes
+
+            if not isinstance(lost, BrokenPipeError):
+                error(f"cannot write output: {lost.strerror or lost}")
+            code = exitcodes.for_output_error(code, lost)
+        sys.exit(code)
+
+    def _run(self, args, prog_name, complete_var, **extra):
         try:
             code = super().main(args=args, prog_name=prog_name or "blkcache",
                                 complete_var=complete_var, standalone_mode=False, **extra)
@@ -167,7 +187,58 @@ class BlkcacheGroup(click.Group):
             code = 130
         except BrokenPipeError:
             code = 0
-        sys.exit(code if isinstance(code, int) else 0)
+        return code if isinstance(code, int) else 0
+
+
+class GuardedStdout(io.TextIOWrapper):
+    """sys.stdout for one command: the first write error is kept, not raised,
+    and output after it is discarded.  A reader that went away (EPIPE) or a
+    full disk must not turn a device's result into a device error."""
+
+    lost = None
+
+    @classmethod
+    def install(cls):
+        out = sys.stdout
+        if getattr(out, "buffer", None) is None:
+            return None
+        out.flush()
+        guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
+                    line_buffering=out.line_buffering)
+        guard.original = out
+        sys.stdout = guard
+        return guard
+
+    def write(self, text):
+        if self.lost is None:
+            try:
+                return super().write(text)
+            except OSError as exc:
+                self._lose(exc)
+        return len(text)
+
+    def flush(self):
+        if self.lost is None:
+            try:
+                super().flush()
+            except OSError as exc:
+                self._lose(exc)
+
+    def _lose(self, exc):
+        self.lost = exc
+        # Bytes still buffered would fail again at exit: send them nowhere.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(devnull, self.buffer.fileno())
+            os.close(devnull)
+
+    def remove(self):
+        """Put the real stdout back; the first write error, or None."""
+        self.flush()
+        sys.stdout = self.original
+        with contextlib.suppress(ValueError):
+            self.detach()
+        return self.lost
 
 
 @click.group(cls=BlkcacheGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
@@ -262,8 +333,17 @@ def drop_line(result):
             f"({format_size(after.page_size * (result.dropped or 0))} dropped with {method}, "
             f"{result.attempts} attempt{'s' if result.attempts != 1 else ''})")
     if after.cached:
-        text += ("; pages remain: mapped pages (mmap) and pages under I/O survive a drop")
-    return text
+        text += ("; pages remain: mapped pages (mmap), pages held by a mounted file system "
+                 "and pages under I/O survive a drop")
+    return text + beyond_end_note(before)
+
+
+def beyond_end_note(state):
+    """Mention pages cached past the end of a device that shrank."""
+    if not state.beyond_end:
+        return ""
+    return (f" ({state.beyond_end} of them past the end of the device, which shrank: "
+            "stale if it grows again)")
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
@@ -352,7 +432,8 @@ def verify(devices, offset, length, interface, quiet, coherence, recursive, as_j
                 click.echo(f"{display(state.path)}: unknown: {state.reason}")
             else:
                 click.echo(f"{display(state.path)}: {check.verdict}: {state.cached} of "
-                           f"{state.pages} pages ({format_size(state.cached_bytes)}) cached")
+                           f"{state.pages} pages ({format_size(state.cached_bytes)}) cached"
+                           + beyond_end_note(state))
         return check, exitcodes.for_verdict(check.verdict)
 
     checks, code = run_targets(devices, action, recursive)
@@ -374,14 +455,14 @@ def demo(size):
     """
     from . import demo as demo_mod
     from . import exitcodes
-    from .errors import BlkcacheError
+    from .errors import BlkcacheError, UsageError
 
     try:
         for step, detail in demo_mod.run(size):
             click.echo(f"{step:>8}: {detail}")
     except (OSError, BlkcacheError) as exc:
         error(describe(exc))
-        return exitcodes.FAILURE
+        return exitcodes.for_error(exc) if isinstance(exc, UsageError) else exitcodes.FAILURE
     return exitcodes.OK
 
 

@@ -11,7 +11,7 @@ import os
 import tempfile
 
 from . import api, loop
-from .errors import BlkcacheError
+from .errors import BlkcacheError, UsageError
 
 DEFAULT_SIZE = 256 << 20
 PROBE = 64 << 20
@@ -29,6 +29,9 @@ def run(size=DEFAULT_SIZE, tmpdir=None):
     if os.geteuid() != 0:
         raise BlkcacheError("demo needs root: it attaches loop devices with losetup "
                             "(try: sudo blkcache demo)")
+    if size < len(OLD):
+        raise UsageError(f"demo volume size must be at least {len(OLD)} bytes "
+                         "(the stale page it shows)")
     probe = min(PROBE, size)
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(

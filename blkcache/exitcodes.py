@@ -98,3 +98,12 @@ def for_watch(last, until_empty=False):
     if until_empty and last.state.cached:
         return RESIDENT
     return OK
+
+
+def for_output_error(code, exc):
+    """The code when writing the output failed with ``exc``: a reader that went
+    away (EPIPE, as with `| head`) keeps the result; any other write error
+    (a full disk...) lost what was asked for: failure."""
+    if isinstance(exc, BrokenPipeError):
+        return code
+    return code if code in (FAILURE, ALL_FAILED, SOME_FAILED) else FAILURE

@@ -6,7 +6,7 @@ from .errors import UsageError
 
 _UNITS = "KMGTPEZY"
 _SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTPEZY])(iB|B)?|(B))?\s*$",
-                      re.IGNORECASE)
+                      re.IGNORECASE | re.ASCII)
 MAX_SIZE = 2 ** 63 - 1
 
 
@@ -24,12 +24,21 @@ def parse_size(text, what="size"):
         if not match:
             raise UsageError(f"invalid {what}: {text!r}")
         whole, frac, unit, kind, _plain = match.groups()
+        # Leading zeros of the number and trailing zeros of the fraction mean
+        # nothing; past that, 2^63-1 has 19 digits.  (This also keeps int()
+        # below its 4300-digit limit, which would raise ValueError.)
+        whole = whole.lstrip("0") or "0"
+        if frac is not None and not unit:
+            raise UsageError(f"invalid {what}: {text!r} (fractions need a unit)")
+        frac = (frac or "").rstrip("0")
+        if len(whole) > 19:
+            raise UsageError(f"invalid {what}: {text!r} (larger than 2^63-1 bytes)")
+        if len(frac) > 64:
+            raise UsageError(f"invalid {what}: {text!r} (too many decimals)")
         base = 1000 if kind and kind.upper() == "B" else 1024
         mult = base ** (_UNITS.index(unit.upper()) + 1) if unit else 1
         value = int(whole) * mult
         if frac:
-            if not unit:
-                raise UsageError(f"invalid {what}: {text!r} (fractions need a unit)")
             value += int(frac) * mult // 10 ** len(frac)
     if value < 0:
         raise UsageError(f"invalid {what}: {text!r} (negative)")

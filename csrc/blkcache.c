@@ -30,6 +30,7 @@
 #endif
 
 #define MINCORE_DEFAULT_WINDOW (128ULL << 20)
+#define MINCORE_MAX_WINDOW (1ULL << 30)     /* a 256 KiB vector per thread */
 #define MINCORE_MAX_THREADS 64
 
 /* The kernel's uapi structs for cachestat(2) (linux/mman.h, Linux 6.5). */
@@ -259,8 +260,11 @@ int blkcache_mincore(int fd, uint64_t offset, uint64_t length,
         errno = EPERM;
         return -1;
     }
+    /* Bounded before rounding, so that neither wraps nor mallocs too much. */
     if (window == 0)
         window = MINCORE_DEFAULT_WINDOW;
+    else if (window > MINCORE_MAX_WINDOW)
+        window = MINCORE_MAX_WINDOW;
     window = (window + ps - 1) / ps * ps;
     if (nthreads == 0)
         nthreads = 1;
@@ -276,6 +280,8 @@ int blkcache_mincore(int fd, uint64_t offset, uint64_t length,
         return -1;
     }
     job.end = (job.end + ps - 1) / ps * ps;
+    if (job.end > job.start && window > job.end - job.start)
+        window = job.end - job.start;
     job.window = window;
     job.nwindows = job.end > job.start ? (job.end - job.start + window - 1) / window : 0;
     if (nthreads > job.nwindows)

@@ -46,7 +46,7 @@ int blkcache_cachestat(int fd, uint64_t offset, uint64_t length,
 
 /*
  * mincore(2) over read-only shared mappings of at most window bytes
- * (a multiple of the page size; 0 means 128 MiB), using up to nthreads
+ * (rounded up to pages; 0 means 128 MiB, at most 1 GiB), using up to nthreads
  * threads (0 or 1: the calling thread only).  Memory stays bounded by
  * nthreads * window / page size bytes.
  */

@@ -1,0 +1,58 @@
+"""Run the blkcache command as a subprocess and check the error contract."""
+
+import os
+import subprocess
+import sys
+
+# The package under test, wherever it was imported from (installed on CI).
+import blkcache
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(blkcache.__file__)))
+
+
+def env():
+    """The environment for a child: it must import the same blkcache."""
+    out = dict(os.environ)
+    path = out.get("PYTHONPATH", "")
+    out["PYTHONPATH"] = PKG_PARENT + (os.pathsep + path if path else "")
+    out["LC_ALL"] = "C.UTF-8"
+    return out
+
+
+def run(*args, timeout=60, stdin=subprocess.DEVNULL):
+    """(returncode, stdout, stderr) of `python -m blkcache ARGS` (bytes args ok)."""
+    proc = subprocess.run([sys.executable, "-m", "blkcache", *args], stdin=stdin,
+                          capture_output=True, timeout=timeout, env=env())
+    out = proc.stdout.decode("utf-8", "surrogateescape")
+    err = proc.stderr.decode("utf-8", "surrogateescape")
+    assert "Traceback" not in err and "Traceback" not in out, err
+    return proc.returncode, out, err
+
+
+def one_error_line(err):
+    """The single 'blkcache: ...' line of stderr (asserts there is exactly one)."""
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("blkcache: "), lines[0]
+    assert err.endswith("\n")
+    return lines[0]
+
+
+def run_many(argvs, timeout=60, workers=4):
+    """run() each argv, a few at a time; the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda argv: run(*argv, timeout=timeout), argvs))
+
+
+def umount(where, tries=50):
+    """umount, retrying while it is briefly busy (a loop device just detached)."""
+    import time
+
+    for _ in range(tries):
+        proc = subprocess.run(["umount", where], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"umount {where}: {proc.stderr.strip()}")
