@@ -708,6 +708,8 @@ def parse_args(argv=None):
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for blkcache and the click baseline (default: this one)")
     p.add_argument("--check", action="store_true", help="exit 1 if a goal is missed")
+    p.add_argument("--only", metavar="GROUP,...",
+                   help="run only these groups: start-up, status, flat, drop, api")
     return p.parse_args(argv)
 
 
@@ -735,6 +737,8 @@ def main(argv=None):
     try:
         for title, rows, run in build_rows(args, world, runner, world.workdir,
                                            blkcache_mod, pkg_dir):
+            if args.only and title not in args.only.split(","):
+                continue
             t0 = time.perf_counter()
             run()
             print(f"bench: {title}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)

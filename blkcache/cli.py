@@ -6,7 +6,6 @@ start-up; the API (and its native module) is imported by the commands.
 """
 
 import functools
-import json
 import sys
 
 import click
@@ -137,6 +136,8 @@ def run_targets(paths, action):
 
 
 def emit_json(key, records):
+    import json
+
     click.echo(json.dumps({key: records}, indent=2))
 
 
@@ -164,7 +165,8 @@ class BlkcacheGroup(click.Group):
 
 
 @click.group(cls=BlkcacheGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
-@click.version_option(__version__, "-V", "--version", prog_name="blkcache")
+@click.version_option(__version__, "-V", "--version", prog_name="blkcache",
+                      message="%(prog)s, version %(version)s", help="Show the version and exit.")
 def cli():
     """Drop and verify the page cache of block devices.
 
