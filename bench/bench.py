@@ -38,6 +38,9 @@ GiB = 1 << 30
 TiB = 1 << 40
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_JSON = "/var/tmp/blkcache-bench.json"
+#: Pause after filling a cache, before a measurement, so every side starts
+#: from the same settled state.
+SETTLE = 0.02
 
 C_TIMING = r"""
 /* The syscalls blkcache.status() / blkcache.drop() make, timed in C. */
@@ -201,15 +204,21 @@ class World:
             f.truncate(size)
         # direct I/O to the backing file: the loop device's own page cache is
         # the only copy, as on a real host.  Falls back to buffered I/O.
-        for extra in (["--direct-io=on"], []):
-            proc = subprocess.run(["losetup", "--find", "--show", *extra, path],
-                                  capture_output=True, text=True, timeout=60)
-            if proc.returncode == 0:
-                break
-        else:
-            raise BenchError(f"losetup {path}: {proc.stderr.strip()}")
-        device = proc.stdout.strip()
-        self.devices.append(device)
+        # Ctrl-C or SIGTERM between losetup attaching and our noting the
+        # device would leak it: hold those signals until it is noted.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for extra in (["--direct-io=on"], []):
+                proc = subprocess.run(["losetup", "--find", "--show", *extra, path],
+                                      capture_output=True, text=True, timeout=60)
+                if proc.returncode == 0:
+                    break
+            else:
+                raise BenchError(f"losetup {path}: {proc.stderr.strip()}")
+            device = proc.stdout.strip()
+            self.devices.append(device)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
         self.fds.append(fd)
         return device, fd
@@ -501,7 +510,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
                  [py, "-m", "blkcache", "--version"]),
             Side("import click", cmd(import_click), import_click), wall_goal=1.15),
     ]
-    yield "start-up", start, lambda: alternate(start, 3 if quick else args.runs * 3)
+    yield "start-up", start, lambda: alternate(start, 3 if quick else args.runs * 4)
 
     # 2. status of a big sparse device ---------------------------------------------
     big = 16 * GiB if quick else TiB
@@ -552,7 +561,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
 
     def run_status():
         fake = [Row("x", "", s) for s in measured]
-        alternate(fake, 1 if quick else args.runs, warmup=not quick)
+        alternate(fake, 1 if quick else args.runs)
         # Rows sharing one Side object see its samples.
     yield "status", status_rows, run_status
 
@@ -571,6 +580,9 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
         for row in flat:
             if row.skip:
                 continue
+            if not (row.parts[0].blk.walls and row.parts[1].blk.walls):
+                row.skip = "status rows not run"
+                continue
             a, b = row.parts
             wa, wb = statistics.median(a.blk.walls), statistics.median(b.blk.walls)
             row.derived = {"blkcache": {"label": a.blk.label, "wall_median": wa},
@@ -585,6 +597,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
 
     def refill():
         fill(dfd, dsize)
+        time.sleep(SETTLE)
 
     def composite():
         steps = [import_click, [blockdev, "--flushbufs", ddev], [vmtouch, ddev]]
@@ -623,7 +636,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
              [blockdev, "--flushbufs", ddev]),
         wall_goal=1.2, skip=no_helper))
     yield "drop", drop_rows, lambda: alternate(drop_rows, 1 if quick else args.runs,
-                                               before=refill, warmup=not quick)
+                                               before=refill)
 
     # 4. in-process API against C ---------------------------------------------------
     timing, no_c = compile_c(workdir, "timing", C_TIMING)
@@ -673,7 +686,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
 
     def run_api():
         # warm-up always: the first call imports blkcache.api and its native module
-        alternate(api_rows[:1], 1 if quick else args.runs * 3, before=refill)
+        alternate(api_rows[:1], 1 if quick else args.runs * 6, before=refill)
         refill()
         alternate(api_rows[1:], 1 if quick else args.runs)
         blkcache_mod.drop(ddev)
@@ -696,6 +709,20 @@ def machine_info(python):
     ver = tool_version(["blockdev", "--version"]) if shutil.which("blockdev") else None
     info["util_linux"] = ".".join(map(str, ver)) if ver else None
     return info
+
+
+def child_env(workdir):
+    """The environment for the measured commands.
+
+    Byte code is cached in a directory of the bench (PYTHONPYCACHEPREFIX),
+    for every side alike: an installed package has its .pyc files, but a
+    source tree run with PYTHONDONTWRITEBYTECODE=1 would compile blkcache at
+    every start, and the bench must not write into the source tree.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "pycache")
+    return env
 
 
 def parse_args(argv=None):
@@ -729,19 +756,22 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
     world = World()
-    world.notes = {}
-    launcher, no_launcher = compile_c(world.workdir, "launch", C_LAUNCH)
-    world.notes["rss"] = no_launcher or "ru_maxrss of the child, via a small C launcher"
-    runner = Runner(world.workdir, dict(os.environ), launcher)
+    world.notes = {"workdir": world.workdir}
+    runner = None
     results = []
     try:
+        print(f"bench: workdir {world.workdir}", file=sys.stderr, flush=True)
+        launcher, no_launcher = compile_c(world.workdir, "launch", C_LAUNCH)
+        world.notes["rss"] = no_launcher or "ru_maxrss of the child, via a small C launcher"
+        runner = Runner(world.workdir, child_env(world.workdir), launcher)
         for title, rows, run in build_rows(args, world, runner, world.workdir,
                                            blkcache_mod, pkg_dir):
             if args.only and title not in args.only.split(","):
                 continue
             t0 = time.perf_counter()
             run()
-            print(f"bench: {title}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            print(f"bench: {title}: {time.perf_counter() - t0:.1f}s", file=sys.stderr,
+                  flush=True)
             results.extend(row.result() for row in rows)
     except KeyboardInterrupt:
         print("bench: interrupted; cleaning up", file=sys.stderr)
@@ -750,8 +780,16 @@ def main(argv=None):
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     finally:
-        runner.close()
-        world.close()
+        # A second Ctrl-C must not stop the clean-up half way.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if runner:
+                runner.close()
+            world.close()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     elapsed = time.perf_counter() - started
     report = {"machine": machine_info(args.python), "quick": args.quick, "runs": args.runs,
               "blkcache": pkg_dir, "notes": world.notes, "elapsed_s": elapsed,
