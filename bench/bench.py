@@ -82,7 +82,7 @@ int main(int argc, char **argv)
         return 2;
     drop = strcmp(argv[1], "drop") == 0;
     n = argc > 3 ? atoi(argv[3]) : 1;
-    for (i = 0; i < n; i++) {
+    for (i = -1; i < n; i++) {      /* i == -1: an untimed warm-up status */
         struct stat sb;
         struct cs before, after;
         uint64_t size = 0;
@@ -95,14 +95,15 @@ int main(int argc, char **argv)
             return 1;
         }
         after = before;
-        if (drop && (fdatasync(fd) != 0 || ioctl(fd, BLKFLSBUF, 0) != 0 ||
+        if (drop && i >= 0 && (fdatasync(fd) != 0 || ioctl(fd, BLKFLSBUF, 0) != 0 ||
                      cachestat(fd, size, &after) != 0)) {
             perror(argv[2]);
             return 1;
         }
         close(fd);
         t1 = now();
-        printf("%.9f %llu\n", t1 - t0, (unsigned long long)after.nr_cache);
+        if (i >= 0)
+            printf("%.9f %llu\n", t1 - t0, (unsigned long long)after.nr_cache);
     }
     return 0;
 }
@@ -147,6 +148,26 @@ int main(int argc, char **argv)
            ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     return 0;
 }
+"""
+
+
+PY_TIMING = r"""
+# The Python twin of C_TIMING: blkcache.status() / blkcache.drop() timed in a
+# fresh process, after the import and an untimed warm-up call, like the C.
+import sys
+import time
+
+import blkcache
+
+mode, dev, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+blkcache.status(dev)
+call = blkcache.drop if mode == "drop" else blkcache.status
+for _ in range(n):
+    t0 = time.perf_counter()
+    result = call(dev)
+    t1 = time.perf_counter()
+    left = result.after.cached if mode == "drop" else result.cached
+    print(f"{t1 - t0:.9f} {left}")
 """
 
 
@@ -642,50 +663,44 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
     timing, no_c = compile_c(workdir, "timing", C_TIMING)
     inner = 5 if quick else 40
 
-    def c_run(mode, n):
-        proc = subprocess.run([timing, mode, ddev, str(n)], capture_output=True, text=True,
-                              timeout=120)
+    py_timing = os.path.join(workdir, "timing.py")
+    with open(py_timing, "w") as f:
+        f.write(PY_TIMING)
+
+    def timed(argv, mode, n):
+        """Median seconds per call printed by a timing program (C or Python)."""
+        proc = subprocess.run([*argv, mode, ddev, str(n)], capture_output=True, text=True,
+                              timeout=120, env=runner.env)
         if proc.returncode != 0:
-            raise BenchError(f"timing {mode}: {proc.stderr.strip()}")
+            raise BenchError(f"{' '.join(argv)} {mode}: {proc.stderr.strip()}")
         vals = [line.split() for line in proc.stdout.split("\n") if line.strip()]
         if mode == "drop" and int(vals[0][1]) != 0:
-            raise BenchError(f"C drop left {vals[0][1]} pages")
-        return statistics.median(float(v[0]) for v in vals)
+            raise BenchError(f"{' '.join(argv)} drop left {vals[0][1]} pages cached")
+        return statistics.median(float(v[0]) for v in vals), None
 
-    def py_drop():
-        t0 = time.perf_counter()
-        result = blkcache_mod.drop(ddev)
-        wall = time.perf_counter() - t0
-        if not result.complete:
-            raise BenchError(f"blkcache.drop left {result.remaining} pages")
-        return wall, None
-
-    def py_status():
-        walls = []
-        for _ in range(inner):
-            t0 = time.perf_counter()
-            blkcache_mod.status(ddev)
-            walls.append(time.perf_counter() - t0)
-        return statistics.median(walls), None
+    py = [args.python, py_timing]
+    c = [timing]
 
     api_rows = [
-        Row(f"api-drop-{dname}", f"`blkcache.drop(DEV)` in process vs C (open, fstat, "
-            "BLKGETSIZE64, cachestat, fdatasync, BLKFLSBUF, cachestat, close), "
-            f"{dname} fully cached",
-            Side("blkcache.drop()", py_drop), Side("C", lambda: (c_run("drop", 1), None)),
-            wall_goal=1.05, skip=no_c),
-        Row(f"api-status-{dname}", f"`blkcache.status(DEV)` in process vs C (open, fstat, "
-            f"BLKGETSIZE64, cachestat, close), {dname} fully cached; median of {inner} calls",
-            Side("blkcache.status()", py_status),
-            Side("C", lambda: (c_run("status", inner), None)), wall_goal=1.2, skip=no_c),
+        Row(f"api-drop-{dname}", f"`blkcache.drop(DEV)` vs C (open, fstat, BLKGETSIZE64, "
+            f"cachestat, fdatasync, BLKFLSBUF, cachestat, close), {dname} fully cached; "
+            "each timed around the call in a fresh process",
+            Side("blkcache.drop()", lambda: timed(py, "drop", 1), py + ["drop"]),
+            Side("C", lambda: timed(c, "drop", 1), c + ["drop"]), wall_goal=1.05, skip=no_c),
+        Row(f"api-status-{dname}", f"`blkcache.status(DEV)` vs C (open, fstat, BLKGETSIZE64, "
+            f"cachestat, close), {dname} fully cached; median of {inner} calls",
+            Side("blkcache.status()", lambda: timed(py, "status", inner), py + ["status"]),
+            Side("C", lambda: timed(c, "status", inner), c + ["status"]),
+            wall_goal=1.2, skip=no_c),
     ]
     empty_rows = [
-        Row(f"api-status-empty", "the same on an uncached device: the fixed cost of a "
-            "call (no goal)", Side("blkcache.status()", py_status),
-            Side("C", lambda: (c_run("status", inner), None)), skip=no_c)]
+        Row("api-status-empty", "the same on an uncached device: the fixed cost of a "
+            "call (no goal)",
+            Side("blkcache.status()", lambda: timed(py, "status", inner), py + ["status"]),
+            Side("C", lambda: timed(c, "status", inner), c + ["status"]), skip=no_c)]
 
     def run_api():
-        # warm-up always: the first call imports blkcache.api and its native module
+        # the drop row needs a refill before every sample; status rows do not
         alternate(api_rows[:1], 1 if quick else args.runs * 6, before=refill)
         refill()
         alternate(api_rows[1:], 1 if quick else args.runs)
