@@ -12,6 +12,24 @@ import click
 
 from ._version import __version__
 
+
+class _LazyModule:
+    """A module imported on first use: ``json`` costs start-up time that
+    ``blkcache --version`` and the table output never need."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module      # later uses skip this proxy
+        return getattr(module, attr)
+
+
+json = _LazyModule("json")
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 EXIT_STATUS_HELP = """\b
@@ -136,8 +154,6 @@ def run_targets(paths, action):
 
 
 def emit_json(key, records):
-    import json
-
     click.echo(json.dumps({key: records}, indent=2))
 
 
