@@ -701,7 +701,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
 
     def run_api():
         # the drop row needs a refill before every sample; status rows do not
-        alternate(api_rows[:1], 1 if quick else args.runs * 6, before=refill)
+        alternate(api_rows[:1], 1 if quick else args.runs * 10, before=refill)
         refill()
         alternate(api_rows[1:], 1 if quick else args.runs)
         blkcache_mod.drop(ddev)
