@@ -656,7 +656,7 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
         Side("blockdev --flushbufs", cmd([blockdev, "--flushbufs", ddev]),
              [blockdev, "--flushbufs", ddev]),
         wall_goal=1.2, skip=no_helper))
-    yield "drop", drop_rows, lambda: alternate(drop_rows, 1 if quick else args.runs,
+    yield "drop", drop_rows, lambda: alternate(drop_rows, 1 if quick else args.runs * 2,
                                                before=refill)
 
     # 4. in-process API against C ---------------------------------------------------
