@@ -41,6 +41,9 @@ DEFAULT_JSON = "/var/tmp/blkcache-bench.json"
 #: Pause after filling a cache, before a measurement, so every side starts
 #: from the same settled state.
 SETTLE = 0.02
+#: The in-process drops start this long after the refill, in both programs
+#: (longer than the interpreter's start-up).
+START_DELAY = 0.25
 
 C_TIMING = r"""
 /* The syscalls blkcache.status() / blkcache.drop() make, timed in C. */
@@ -73,21 +76,32 @@ static int cachestat(int fd, uint64_t len, struct cs *out)
     return syscall(451, fd, &r, out, 0);
 }
 
-/* usage: timing status|drop DEV [N]: prints N lines "seconds cached_after" */
+/* usage: timing status|drop DEV [N [START]]: prints N lines "seconds cached_after".
+ * START: a CLOCK_MONOTONIC time to wait for before the untimed warm-up call
+ * (a status) that precedes the timed ones. */
 int main(int argc, char **argv)
 {
     int drop, n, i;
+    double start = argc > 4 ? atof(argv[4]) : 0;
 
     if (argc < 3)
         return 2;
     drop = strcmp(argv[1], "drop") == 0;
     n = argc > 3 ? atoi(argv[3]) : 1;
+    if (start > now()) {
+        double wait = start - now();
+        struct timespec ts = { (time_t)wait, (long)((wait - (time_t)wait) * 1e9) };
+        nanosleep(&ts, NULL);
+    }
     for (i = -1; i < n; i++) {      /* i == -1: an untimed warm-up status */
         struct stat sb;
         struct cs before, after;
         uint64_t size = 0;
-        double t0 = now(), t1;
-        int fd = open(argv[2], O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        double t0, t1;
+        int fd;
+
+        t0 = now();
+        fd = open(argv[2], O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 
         if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISBLK(sb.st_mode) ||
             ioctl(fd, BLKGETSIZE64, &size) != 0 || cachestat(fd, size, &before) != 0) {
@@ -153,15 +167,19 @@ int main(int argc, char **argv)
 
 PY_TIMING = r"""
 # The Python twin of C_TIMING: blkcache.status() / blkcache.drop() timed in a
-# fresh process, after the import and an untimed warm-up call, like the C.
+# fresh process, after the import, the wait for START and an untimed warm-up
+# call (a status), like the C.
 import sys
 import time
 
 import blkcache
 
 mode, dev, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-blkcache.status(dev)
+start = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 call = blkcache.drop if mode == "drop" else blkcache.status
+if start > time.monotonic():
+    time.sleep(start - time.monotonic())
+blkcache.status(dev)
 for _ in range(n):
     t0 = time.perf_counter()
     result = call(dev)
@@ -482,6 +500,7 @@ def print_table(results, out=sys.stdout):
                       fmt_ratio(r.get("rss_ratio")), rss_goal, met))
     widths = [max(len(line[i]) for line in lines if len(line) == len(header))
               for i in range(len(header))]
+    widths[0] = max(len(line[0]) for line in lines)
     for line in lines:
         if len(line) != len(header):
             print(f"{line[0]:<{widths[0]}}  {line[1]}", file=out)
@@ -668,9 +687,15 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
         f.write(PY_TIMING)
 
     def timed(argv, mode, n):
-        """Median seconds per call printed by a timing program (C or Python)."""
-        proc = subprocess.run([*argv, mode, ddev, str(n)], capture_output=True, text=True,
-                              timeout=120, env=runner.env)
+        """Median seconds per call printed by a timing program (C or Python).
+
+        A drop starts at the same moment after the refill on both sides
+        (START_DELAY): how long the cache has sat since it was filled changes
+        the kernel's time by more than the difference being measured.
+        """
+        start = time.monotonic() + START_DELAY if mode == "drop" else 0
+        proc = subprocess.run([*argv, mode, ddev, str(n), f"{start:.6f}"],
+                              capture_output=True, text=True, timeout=120, env=runner.env)
         if proc.returncode != 0:
             raise BenchError(f"{' '.join(argv)} {mode}: {proc.stderr.strip()}")
         vals = [line.split() for line in proc.stdout.split("\n") if line.strip()]
@@ -684,7 +709,8 @@ def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
     api_rows = [
         Row(f"api-drop-{dname}", f"`blkcache.drop(DEV)` vs C (open, fstat, BLKGETSIZE64, "
             f"cachestat, fdatasync, BLKFLSBUF, cachestat, close), {dname} fully cached; "
-            "each timed around the call in a fresh process",
+            "each timed around the call in a fresh process, 0.25 s after the refill, "
+            "right after an untimed status call",
             Side("blkcache.drop()", lambda: timed(py, "drop", 1), py + ["drop"]),
             Side("C", lambda: timed(c, "drop", 1), c + ["drop"]), wall_goal=1.05, skip=no_c),
         Row(f"api-status-{dname}", f"`blkcache.status(DEV)` vs C (open, fstat, BLKGETSIZE64, "
