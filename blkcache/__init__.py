@@ -21,9 +21,11 @@ __all__ = ["__version__", *_API, *_ERRORS]
 
 def __getattr__(name):
     if name in _API:
-        from . import api
-        return getattr(api, name)
-    if name in _ERRORS:
-        from . import errors
-        return getattr(errors, name)
-    raise AttributeError(f"module 'blkcache' has no attribute {name!r}")
+        from . import api as module
+    elif name in _ERRORS:
+        from . import errors as module
+    else:
+        raise AttributeError(f"module 'blkcache' has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value     # later lookups skip this function
+    return value

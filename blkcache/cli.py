@@ -8,13 +8,30 @@ start-up; the API (and its native module) is imported by the commands.
 import contextlib
 import functools
 import io
-import json
 import os
 import sys
 
 import click
 
 from ._version import __version__
+
+
+class _LazyModule:
+    """A module imported on first use: ``json`` costs start-up time that
+    ``blkcache --version`` and the table output never need."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module      # later uses skip this proxy
+        return getattr(module, attr)
+
+
+json = _LazyModule("json")
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -242,7 +259,8 @@ class GuardedStdout(io.TextIOWrapper):
 
 
 @click.group(cls=BlkcacheGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
-@click.version_option(__version__, "-V", "--version", prog_name="blkcache")
+@click.version_option(__version__, "-V", "--version", prog_name="blkcache",
+                      message="%(prog)s, version %(version)s", help="Show the version and exit.")
 def cli():
     """Drop and verify the page cache of block devices.
 

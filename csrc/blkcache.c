@@ -14,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/capability.h>
@@ -433,5 +434,34 @@ out:
         errno = err;
         return -1;
     }
+    return 0;
+}
+
+int blkcache_effective_caps(uint64_t *mask)
+{
+    struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capget, &hdr, data) != 0)
+        return -1;
+    *mask = (uint64_t)data[0].effective | (uint64_t)data[1].effective << 32;
+    return 0;
+}
+
+int blkcache_fd_info(int fd, struct blkcache_info *info)
+{
+    struct stat sb;
+
+    if (fstat(fd, &sb) != 0)
+        return -1;
+    memset(info, 0, sizeof(*info));
+    info->mode = (unsigned int)sb.st_mode;
+    if (S_ISBLK(sb.st_mode)) {
+        info->rdev_major = major(sb.st_rdev);
+        info->rdev_minor = minor(sb.st_rdev);
+        return blkcache_device_size(fd, &info->size);
+    }
+    info->size = sb.st_size > 0 ? (uint64_t)sb.st_size : 0;
     return 0;
 }

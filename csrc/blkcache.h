@@ -99,3 +99,16 @@ int blkcache_resident_runs(int fd, uint64_t offset, uint64_t length,
  */
 int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
                            void *buf, unsigned char *vec);
+
+/* capget(2): the effective capability set of the calling thread, a bit mask. */
+int blkcache_effective_caps(uint64_t *mask);
+
+/* What an fd refers to: fstat(2), plus BLKGETSIZE64 for a block device. */
+struct blkcache_info {
+    uint64_t size;              /* bytes: BLKGETSIZE64, or st_size of a file */
+    unsigned int mode;          /* st_mode */
+    unsigned int rdev_major;    /* device number of a block device, else 0 */
+    unsigned int rdev_minor;
+};
+
+int blkcache_fd_info(int fd, struct blkcache_info *info);
