@@ -14,7 +14,7 @@ _API = ("status", "drop", "verify", "Target", "CacheState", "DropResult",
         "Verification", "PAGE_SIZE")
 _ERRORS = ("BlkcacheError", "UnsupportedFileError", "InvalidRangeError", "UsageError",
            "MethodUnavailableError", "DirtyPagesError", "CannotTellError",
-           "WritebackError", "HelperError")
+           "WritebackError", "WritebackFailedBefore", "HelperError")
 
 __all__ = ["__version__", *_API, *_ERRORS]
 

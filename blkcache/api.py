@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from . import caps, privilege, safeopen, sizes
+from . import caps, failures, privilege, safeopen, sizes
 from ._native import ffi, lib
 from .errors import (
     CannotTellError,
@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedFileError,
     UsageError,
     WritebackError,
+    WritebackFailedBefore,
     from_errno,
 )
 from .sizes import format_size, parse_size
@@ -404,7 +405,13 @@ class Target:
         if lib.blkcache_datasync(self.fd) != 0:
             err = ffi.errno
             after = self.status(rng=rng, interface=interface)
-            raise WritebackError(err, self.path, before, after)
+            # The kernel tells each open file once and marks the pages clean:
+            # remember it, or the next drop would discard the only copy.
+            try:
+                record = failures.record(self.fd, self.path, err, before.dirty)
+            except OSError as exc:
+                record = f"not recorded: {exc.strerror or exc}"
+            raise WritebackError(err, self.path, before, after, record)
 
     def _drop_once(self, method, rng):
         if method == "helper":
@@ -421,7 +428,7 @@ class Target:
             _raise_errno(self.path)
 
     def drop(self, offset=0, length=None, method="auto", expect_clean=False,
-             retries=DEFAULT_RETRIES, interface="auto"):
+             retries=DEFAULT_RETRIES, interface="auto", discard_failed=False):
         """Write back dirty pages, drop the range's cache, verify; a DropResult.
 
         Order: fdatasync (a failure raises WritebackError and nothing is
@@ -436,8 +443,18 @@ class Target:
         With ``expect_clean``: if any page is dirty or under writeback,
         DirtyPagesError is raised before anything is written or dropped; if
         the kernel will not tell, CannotTellError.
+
+        A failed write-back is recorded (blkcache.failures); until
+        ``discard_failed=True`` says the cached data may go, later drops of
+        that device raise WritebackFailedBefore and drop nothing.
         """
         rng = self.range(offset, length)
+        failure = failures.lookup(self.fd)
+        if failure is not None and not discard_failed:
+            raise WritebackFailedBefore(
+                f"{failure.describe()}: its cached pages may be the only copy of that "
+                "data; nothing was dropped (save what is needed, then drop with "
+                "--discard-failed)", self.path, failure)
         requested, method = method, self.resolve_method(method, rng)
         warning = None
         if requested == "auto" and method == "fadvise" and self.kind == "block" \
@@ -466,6 +483,8 @@ class Target:
                 break
             time.sleep(delay)
             delay *= 2
+        if failure is not None:
+            failures.clear(self.fd)
         return DropResult(self.path, self.device, method, attempts, before, after, warning)
 
     def verify(self, offset=0, length=None, interface="auto"):
@@ -498,10 +517,11 @@ def status(path, offset=0, length=None, interface="auto"):
 
 
 def drop(path, offset=0, length=None, method="auto", expect_clean=False,
-         retries=DEFAULT_RETRIES, interface="auto"):
+         retries=DEFAULT_RETRIES, interface="auto", discard_failed=False):
     """Sync, drop and verify the page cache of ``path``; see Target.drop."""
     with Target(path) as target:
-        return target.drop(offset, length, method, expect_clean, retries, interface)
+        return target.drop(offset, length, method, expect_clean, retries, interface,
+                           discard_failed)
 
 
 def verify(path, offset=0, length=None, interface="auto"):

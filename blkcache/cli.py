@@ -77,7 +77,8 @@ def describe(exc):
         still = exc.after.dirty if exc.after is not None else None
         return (f"{where}write-back failed: {exc.strerror}; {_count(dirty)} pages were dirty, "
                 f"{_count(still)} still dirty; nothing was dropped (the cached pages may "
-                "be the only copy of that data)")
+                f"be the only copy of that data; later drops refuse until --discard-failed: "
+                f"{exc.record})")
     if isinstance(exc, MethodUnavailableError):
         return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):
@@ -378,13 +379,16 @@ def beyond_end_note(state):
                    "flush nothing, drop nothing and exit 4.")
 @click.option("--retries", type=click.IntRange(0, 20), default=6, show_default=True,
               help="Retries, with a growing pause, for pages busy under I/O.")
+@click.option("--discard-failed", is_flag=True,
+              help="Drop even a device whose earlier write-back failed (recorded in "
+                   "/run/blkcache): its cached pages, maybe the only copy, are lost.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Also drop each device's partitions and the devices below it (a "
                    "partition's disk, sysfs slaves).")
 @output_options
-def drop(devices, offset, length, interface, method, expect_clean, retries, quiet, recursive,
-         as_json):
+def drop(devices, offset, length, interface, method, expect_clean, retries, discard_failed,
+         quiet, recursive, as_json):
     """Write back, drop and verify the page cache of each DEVICE.
 
     Dirty pages are written back first (fdatasync); if that fails nothing is
@@ -395,7 +399,8 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, quie
     from . import exitcodes
 
     def action(target):
-        result = target.drop(offset, length, method, expect_clean, retries, interface)
+        result = target.drop(offset, length, method, expect_clean, retries, interface,
+                             discard_failed)
         if result.warning and not quiet:
             error(f"warning: {display(result.path)}: {result.warning}")
         if not quiet and not as_json:

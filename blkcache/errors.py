@@ -57,6 +57,16 @@ class CannotTellError(BlkcacheError):
         self.state = state
 
 
+class WritebackFailedBefore(BlkcacheError):
+    """An earlier write-back of this device failed (see blkcache.failures):
+    its cached pages may be the only copy of that data, so nothing was
+    dropped.  ``failure`` is the record; drop(discard_failed=True) goes on."""
+
+    def __init__(self, message, path=None, failure=None):
+        super().__init__(message, path)
+        self.failure = failure
+
+
 class WritebackError(OSError):
     """Writing dirty pages back failed: nothing was dropped.
 
@@ -65,10 +75,12 @@ class WritebackError(OSError):
     dirty count in ``before`` is the number of pages whose data is at risk.
     """
 
-    def __init__(self, err, path, before=None, after=None):
+    def __init__(self, err, path, before=None, after=None, record=None):
         super().__init__(err, os.strerror(err), path)
         self.before = before
         self.after = after
+        #: Where the failure was recorded (blkcache.failures), or why it was not.
+        self.record = record
 
 
 def from_errno(err, path):

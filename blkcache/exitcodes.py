@@ -24,6 +24,7 @@ from .errors import (
     DirtyPagesError,
     NOT_FOUND_ERRNOS,
     MethodUnavailableError,
+    WritebackFailedBefore,
 )
 
 OK = 0
@@ -59,7 +60,7 @@ def for_error(exc):
         return DIRTY
     if isinstance(exc, CannotTellError):
         return UNKNOWN
-    if isinstance(exc, MethodUnavailableError):
+    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE

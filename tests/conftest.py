@@ -134,3 +134,9 @@ def _neutral_cwd(tmp_path, monkeypatch):
     subprocess imports the installed package (with its built extension), not
     the checkout's sources."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path, monkeypatch):
+    """Failed write-backs are recorded under BLKCACHE_STATE_DIR, not /run."""
+    monkeypatch.setenv("BLKCACHE_STATE_DIR", str(tmp_path / "state"))

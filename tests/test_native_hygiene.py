@@ -180,6 +180,8 @@ def test_helper_argv_fuzz(helper, loopdev, tmp_path):
             assert proc.returncode == 2, (argv[:3], proc.stderr)
     assert crashes == 0
     # The real thing still works: a held device by path and by inherited fd.
+    # (No readahead: pages still locked by readahead in flight would survive.)
+    os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
     kernel.read_buffered(loopdev.fd, 0, MiB)
     proc = subprocess.run([helper, loopdev], capture_output=True, text=True, env=env)
     check_helper_run(proc, [loopdev])
