@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from . import caps, failures, privilege, safeopen, sizes
+from . import caps, failures, safeopen, sizes
 from ._native import ffi, lib
 from .errors import (
     CannotTellError,
@@ -77,6 +77,14 @@ def _opened_path(fd, path):
     if link.startswith("/") and not link.endswith(" (deleted)"):
         return link
     return os.path.realpath(path)
+
+
+def _privilege():
+    """blkcache.privilege, imported when a drop needs it (it costs start-up:
+    subprocess), not for status, verify or a drop with CAP_SYS_ADMIN."""
+    from . import privilege
+
+    return privilege
 
 
 def _raise_errno(path):
@@ -384,7 +392,9 @@ class Target:
         if method == "auto":
             if not usable:
                 return "fadvise"
-            return privilege.auto_method().method
+            if caps.has_sys_admin():
+                return "ioctl"      # what privilege.auto_method() says first
+            return _privilege().auto_method().method
         if self.kind != "block":
             raise MethodUnavailableError(
                 "BLKFLSBUF works on block devices only", self.path,
@@ -394,11 +404,11 @@ class Target:
                 "BLKFLSBUF drops the whole device, not a range", self.path,
                 fix="drop a range with --method fadvise")
         if method == "helper":
-            privilege.require_helper(self.path)
+            _privilege().require_helper(self.path)
         elif not caps.has_sys_admin():
             raise MethodUnavailableError(
                 "BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
-                self.path, fix=privilege.ioctl_fix())
+                self.path, fix=_privilege().ioctl_fix())
         return method
 
     def _sync(self, rng, before, interface):
@@ -415,7 +425,7 @@ class Target:
 
     def _drop_once(self, method, rng):
         if method == "helper":
-            privilege.run_helper(self.fd, self.path)
+            _privilege().run_helper(self.fd, self.path)
             return
         if method == "ioctl":
             rc = lib.blkcache_flush_buffers(self.fd)
@@ -459,7 +469,7 @@ class Target:
         warning = None
         if requested == "auto" and method == "fadvise" and self.kind == "block" \
                 and self.whole(rng):
-            warning = privilege.fallback_warning()
+            warning = _privilege().fallback_warning()
         before = self.status(rng=rng, interface=interface)
         if expect_clean:
             if before.dirty is None or before.writeback is None:
