@@ -389,3 +389,13 @@ def test_errno_of_helper_messages():
     assert privilege._errno_of("fd:3: BLKFLSBUF failed: Permission denied") == 13
     assert privilege._errno_of("x: cannot open: No such device or address") == 6
     assert privilege._errno_of("fd:3: not a block device") is None
+
+
+def test_demo_without_root_says_what_it_needs_and_attaches_nothing(nobody):
+    before = kernel.losetup("--list", "--noheadings", "--output", "NAME")
+    proc = nobody.blkcache("demo")
+    assert (proc.returncode, proc.stdout) == (5, "")
+    assert lines(proc.stderr) == [
+        "blkcache: demo needs root: it attaches loop devices with losetup "
+        "(try: sudo blkcache demo)"]
+    assert kernel.losetup("--list", "--noheadings", "--output", "NAME") == before
