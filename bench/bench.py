@@ -524,7 +524,6 @@ def print_table(results, out=sys.stdout):
 def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
     py = args.python
     quick = args.quick
-    rows = []
     notes = {}
     script, script_note = console_script(py, workdir)
     notes["console_script"] = script_note

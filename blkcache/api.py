@@ -54,15 +54,6 @@ UNKNOWN_REASON = ("the kernel does not report the page cache of this device to t
                   "user (needs write access, ownership of the node or CAP_FOWNER)")
 
 
-def _kind_name(mode):
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _opened_path(fd, path):
     """The canonical path of what fd refers to: realpath(path), in one syscall.
 
@@ -216,21 +207,9 @@ class Target:
         self.fd = -1
         if path == "":
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
-        try:
-            # Type-checked before anything is opened (see safeopen).
-            self.fd = safeopen.open_checked(path, OPEN_FLAGS)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                # A socket cannot be opened; say what it is rather than ENXIO.
-                try:
-                    mode = os.stat(path).st_mode
-                except OSError:
-                    mode = 0
-                if stat.S_ISSOCK(mode):
-                    raise UnsupportedFileError(
-                        "not a block device or regular file (a socket)", path
-                    ) from None
-            raise from_errno(exc.errno, path) from None
+        # Type-checked before anything is opened (see safeopen): a directory,
+        # FIFO, socket or character device raises UnsupportedFileError.
+        self.fd = safeopen.open_checked(path, OPEN_FLAGS)
         try:
             info = ffi.new("struct blkcache_info *")
             if lib.blkcache_fd_info(self.fd, info) != 0:
@@ -244,7 +223,8 @@ class Target:
                 self.rdev = None
             else:
                 raise UnsupportedFileError(
-                    f"not a block device or regular file ({_kind_name(mode)})", path)
+                    f"not a block device or regular file ({safeopen.kind_name(mode)})",
+                    path)
             self.size = info.size
             self.device = _opened_path(self.fd, path)
         except BaseException:

@@ -76,7 +76,7 @@ def test_flushes_an_fd_the_user_opened(granted, loopdev):
     with node_mode(loopdev, 0o644):
         cached_loop(loopdev)
         # The shell opens the node as nobody and hands the fd down.
-        proc = granted.run("sh", "-c", f'exec "$0" fd:7 7<"$1"', granted.helper, loopdev)
+        proc = granted.run("sh", "-c", 'exec "$0" fd:7 7<"$1"', granted.helper, loopdev)
         assert (proc.returncode, proc.stderr) == (0, "")
         assert kernel.cached_pages(loopdev) == 0
 

@@ -1,7 +1,6 @@
 """status on a 1 TiB sparse device with 256 MiB cached: right answer, bounded memory."""
 
 import os
-import subprocess
 import sys
 
 import pytest
