@@ -398,10 +398,10 @@ class Target:
             # The kernel tells each open file once and marks the pages clean:
             # remember it, or the next drop would discard the only copy.
             try:
-                record = failures.record(self.fd, self.path, err, before.dirty)
+                record, problem = failures.record(self.fd, self.path, err, before.dirty), None
             except OSError as exc:
-                record = f"not recorded: {exc.strerror or exc}"
-            raise WritebackError(err, self.path, before, after, record)
+                record, problem = None, f"{exc.strerror or exc}: {exc.filename}"
+            raise WritebackError(err, self.path, before, after, record, problem)
 
     def _drop_once(self, method, rng):
         if method == "helper":

@@ -75,10 +75,14 @@ def describe(exc):
     if isinstance(exc, WritebackError):
         dirty = exc.before.dirty if exc.before is not None else None
         still = exc.after.dirty if exc.after is not None else None
+        if exc.record:
+            later = f"later drops refuse until --discard-failed; record {exc.record}"
+        else:
+            later = (f"the failure could not be recorded ({exc.record_error}): do not drop "
+                     "this device again before the data is safe")
         return (f"{where}write-back failed: {exc.strerror}; {_count(dirty)} pages were dirty, "
                 f"{_count(still)} still dirty; nothing was dropped (the cached pages may "
-                f"be the only copy of that data; later drops refuse until --discard-failed: "
-                f"{exc.record})")
+                f"be the only copy of that data; {later})")
     if isinstance(exc, MethodUnavailableError):
         return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):

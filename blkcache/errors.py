@@ -75,12 +75,14 @@ class WritebackError(OSError):
     dirty count in ``before`` is the number of pages whose data is at risk.
     """
 
-    def __init__(self, err, path, before=None, after=None, record=None):
+    def __init__(self, err, path, before=None, after=None, record=None, record_error=None):
         super().__init__(err, os.strerror(err), path)
         self.before = before
         self.after = after
-        #: Where the failure was recorded (blkcache.failures), or why it was not.
+        #: Where the failure was recorded (blkcache.failures), else None and
+        #: ``record_error`` says why it could not be.
         self.record = record
+        self.record_error = record_error
 
 
 def from_errno(err, path):

@@ -91,3 +91,22 @@ def test_without_the_record_the_kernel_would_let_a_second_drop_discard_the_data(
             assert kernel.cachestat(wfd)["nr_cache"] > 0
         finally:
             _release(loops, device, wfd)
+
+
+def test_an_unrecordable_failure_says_so(loops, tmp_path, monkeypatch):
+    """The record cannot be written (state dir is a file): the error says so."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("BLKCACHE_STATE_DIR", str(blocker))
+    with mounted("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs") as mnt:
+        device, wfd = _failing_device(loops, mnt)
+        try:
+            code, out, err = cliproc.run("drop", device)
+            line = cliproc.one_error_line(err)
+            assert (code, out) == (5, "")
+            assert "write-back failed" in line
+            assert "the failure could not be recorded (" in line
+            assert "do not drop this device again before the data is safe" in line
+            assert kernel.cachestat(wfd)["nr_cache"] == 16 * MiB // PAGE
+        finally:
+            _release(loops, device, wfd)
