@@ -190,6 +190,7 @@ struct mincore_job {
     uint64_t next;      /* next window index, taken atomically */
     uint64_t resident;  /* summed atomically */
     int error;          /* first errno seen */
+    unsigned char *base; /* the whole range mapped at once, or NULL */
 };
 
 static int mincore_window(struct mincore_job *job, uint64_t idx,
@@ -201,6 +202,14 @@ static int mincore_window(struct mincore_job *job, uint64_t idx,
     void *map;
     int rc = 0;
 
+    if (job->base != NULL) {
+        /* One mapping for the whole range: no mmap/munmap (which take the
+         * mmap lock for writing) between the threads' mincore calls. */
+        if (mincore(job->base + (off - job->start), (size_t)len, vec) != 0)
+            return errno;
+        *resident = count_resident(vec, (size_t)pages);
+        return 0;
+    }
     map = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, job->fd, (off_t)off);
     if (map == MAP_FAILED)
         return errno;
@@ -288,6 +297,18 @@ int blkcache_mincore(int fd, uint64_t offset, uint64_t length,
     if (nthreads > job.nwindows)
         nthreads = job.nwindows ? (unsigned int)job.nwindows : 1;
 
+    /*
+     * Map the whole range once when the address space allows (a mapping
+     * costs no memory until touched, and mincore touches nothing); else
+     * each window is mapped on its own.
+     */
+    if (job.end > job.start && job.end - job.start <= SIZE_MAX) {
+        void *map = mmap(NULL, (size_t)(job.end - job.start), PROT_READ,
+                         MAP_SHARED | MAP_NORESERVE, fd, (off_t)job.start);
+        if (map != MAP_FAILED)
+            job.base = map;
+    }
+
     /* The calling thread is worker 0; start the others. */
     for (i = 1; i < nthreads; i++) {
         if (pthread_create(&threads[started], NULL, mincore_worker, &job) != 0)
@@ -297,6 +318,8 @@ int blkcache_mincore(int fd, uint64_t offset, uint64_t length,
     mincore_worker(&job);
     for (i = 0; i < started; i++)
         pthread_join(threads[i], NULL);
+    if (job.base != NULL)
+        munmap(job.base, (size_t)(job.end - job.start));
 
     if (job.error != 0) {
         errno = job.error;
