@@ -44,8 +44,12 @@ class Failure:
     dirty: object       # pages dirty before the failed sync (int or None)
     when: float         # seconds since the epoch
     record: str         # the record's file name
+    problem: object = None  # why the record could not be read (str), or None
 
     def describe(self):
+        if self.problem is not None:
+            return (f"an earlier write-back of this device may have failed (record "
+                    f"{self.record} cannot be read: {self.problem})")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.when))
         return (f"an earlier write-back of this device failed ({os.strerror(self.errno)}, "
                 f"{'?' if self.dirty is None else self.dirty} pages were dirty, "
@@ -70,23 +74,23 @@ def record(fd, path, err, dirty):
 
 def lookup(fd):
     """The Failure recorded for the device behind fd, or None."""
+    import errno as errnos
+    import json
+
     name = os.path.join(state_dir(), key_of(fd))
     try:
         with open(name, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        text = ""
-    import json
-
-    try:
-        data = json.loads(text)
-    except ValueError:
-        # Unreadable or damaged: still a failure we were told about.
-        data = {}
-    return Failure(str(data.get("path", "?")), int(data.get("errno", 5)),
-                   data.get("dirty"), float(data.get("when", 0)), name)
+            data = json.loads(f.read())
+        return Failure(str(data["path"]), int(data["errno"]), data.get("dirty"),
+                       float(data["when"]), name)
+    except OSError as exc:
+        if exc.errno in (errnos.ENOENT, errnos.ENOTDIR):
+            return None
+        problem = exc.strerror or str(exc)
+    except (ValueError, KeyError, TypeError) as exc:
+        problem = f"damaged: {exc}"
+    # A record we cannot read is still a failure we were told about.
+    return Failure("?", 0, None, 0.0, name, problem)
 
 
 def clear(fd):

@@ -110,3 +110,22 @@ def test_an_unrecordable_failure_says_so(loops, tmp_path, monkeypatch):
             assert kernel.cachestat(wfd)["nr_cache"] == 16 * MiB // PAGE
         finally:
             _release(loops, device, wfd)
+
+
+def test_a_damaged_record_still_refuses(loopdev, tmp_path):
+    """A record that cannot be parsed is not taken as 'no failure'."""
+    from blkcache import failures
+
+    kernel.read_buffered(loopdev.fd, 0, MiB)
+    cached = kernel.cached_pages(loopdev)
+    records = tmp_path / "state" / "writeback-failed"
+    records.mkdir(parents=True)
+    (records / failures.key_of(loopdev.fd)).write_text("{not json")
+    code, out, err = cliproc.run("drop", loopdev)
+    line = cliproc.one_error_line(err)
+    assert (code, out) == (5, "")
+    assert "may have failed (record " in line and "cannot be read: damaged" in line
+    assert kernel.cached_pages(loopdev) == cached
+    code, _, err = cliproc.run("drop", "--discard-failed", loopdev)
+    assert code == 0, err
+    assert kernel.cached_pages(loopdev) == 0 and not any(records.iterdir())
