@@ -180,12 +180,22 @@ class Verification:
         return {"verdict": self.verdict, **self.state.to_dict()}
 
 
-@dataclass(frozen=True)
 class Range:
-    """A validated, page-aligned byte range of a target."""
+    """A validated, page-aligned byte range of a target (internal: a plain
+    class, since each dataclass costs start-up time)."""
 
-    offset: int
-    length: int
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset, length):
+        self.offset = offset
+        self.length = length
+
+    def __eq__(self, other):
+        return isinstance(other, Range) and (self.offset, self.length) == \
+            (other.offset, other.length)
+
+    def __repr__(self):
+        return f"Range(offset={self.offset}, length={self.length})"
 
     @property
     def pages(self):

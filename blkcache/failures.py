@@ -17,7 +17,6 @@ best effort: a user who cannot write there is told so in the error.
 import os
 import stat
 import time
-from dataclasses import dataclass
 
 DEFAULT_STATE_DIR = "/run/blkcache"
 
@@ -35,16 +34,19 @@ def key_of(fd):
     return f"file-{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
 
 
-@dataclass(frozen=True)
 class Failure:
-    """A recorded failed write-back."""
+    """A recorded failed write-back (a plain class: a dataclass would cost
+    every drop a millisecond of start-up for a record that rarely exists)."""
 
-    path: str
-    errno: int
-    dirty: object       # pages dirty before the failed sync (int or None)
-    when: float         # seconds since the epoch
-    record: str         # the record's file name
-    problem: object = None  # why the record could not be read (str), or None
+    __slots__ = ("path", "errno", "dirty", "when", "record", "problem")
+
+    def __init__(self, path, errno, dirty, when, record, problem=None):
+        self.path = path            # the path the failed drop was given
+        self.errno = errno
+        self.dirty = dirty          # pages dirty before the failed sync, or None
+        self.when = when            # seconds since the epoch
+        self.record = record        # the record's file name
+        self.problem = problem      # why the record could not be read, or None
 
     def describe(self):
         if self.problem is not None:
@@ -74,23 +76,23 @@ def record(fd, path, err, dirty):
 
 def lookup(fd):
     """The Failure recorded for the device behind fd, or None."""
-    import errno as errnos
-    import json
-
     name = os.path.join(state_dir(), key_of(fd))
     try:
         with open(name, encoding="utf-8") as f:
-            data = json.loads(f.read())
+            text = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None             # the common case: cheap, and json not imported
+    except OSError as exc:
+        return Failure("?", 0, None, 0.0, name, exc.strerror or str(exc))
+    import json
+
+    try:
+        data = json.loads(text)
         return Failure(str(data["path"]), int(data["errno"]), data.get("dirty"),
                        float(data["when"]), name)
-    except OSError as exc:
-        if exc.errno in (errnos.ENOENT, errnos.ENOTDIR):
-            return None
-        problem = exc.strerror or str(exc)
     except (ValueError, KeyError, TypeError) as exc:
-        problem = f"damaged: {exc}"
-    # A record we cannot read is still a failure we were told about.
-    return Failure("?", 0, None, 0.0, name, problem)
+        # A record we cannot read is still a failure we were told about.
+        return Failure("?", 0, None, 0.0, name, f"damaged: {exc}")
 
 
 def clear(fd):
