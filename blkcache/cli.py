@@ -45,8 +45,8 @@ Exit status:
   3   unknown: the kernel will not tell this user; never "clean"
   4   drop --expect-clean refused: dirty pages found, nothing done;
       verify --coherence: dirty pages not compared (and none stale)
-  5   failure: permission denied, I/O error, failed write-back, method
-      unavailable, device gone
+  5   failure: permission denied, I/O error, failed write-back (now or
+      on record: see --discard-failed), method unavailable, device gone
   32  several devices: all failed;  64  several devices: some failed"""
 
 

@@ -13,7 +13,8 @@
       verify --coherence: no stale page, but dirty or writeback pages that
       could not be compared
   5   failure: permission denied, I/O error, failed write-back (nothing
-      dropped), drop method unavailable, device gone
+      dropped; also while an earlier one is on record, see
+      blkcache.failures), drop method unavailable, device gone
   32  several devices given and every one failed (5)
   64  several devices given and some failed (5)
 """
