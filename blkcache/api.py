@@ -373,18 +373,24 @@ class Target:
     # -- drop -----------------------------------------------------------------
 
     def resolve_method(self, method, rng):
-        """The drop method to use for ``method`` ("auto" picks one)."""
+        """(method to use, warning or None) for ``method`` ("auto" picks one).
+
+        The warning is set when auto falls back to posix_fadvise on a whole
+        block device; the helper is probed once for both answers.
+        """
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
         if method == "fadvise":
-            return method
-        usable = self.kind == "block" and self.whole(rng)
+            return method, None
         if method == "auto":
-            if not usable:
-                return "fadvise"
+            if not (self.kind == "block" and self.whole(rng)):
+                return "fadvise", None
             if caps.has_sys_admin():
-                return "ioctl"      # what privilege.auto_method() says first
-            return _privilege().auto_method().method
+                return "ioctl", None    # what privilege.auto_method() says first
+            choice = _privilege().auto_method()
+            if choice.method == "fadvise":
+                return choice.method, _privilege().fallback_warning(choice)
+            return choice.method, None
         if self.kind != "block":
             raise MethodUnavailableError(
                 "BLKFLSBUF works on block devices only", self.path,
@@ -399,7 +405,7 @@ class Target:
             raise MethodUnavailableError(
                 "BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
                 self.path, fix=_privilege().ioctl_fix())
-        return method
+        return method, None
 
     def _sync(self, rng, before, interface):
         if lib.blkcache_datasync(self.fd) != 0:
@@ -455,11 +461,7 @@ class Target:
                 f"{failure.describe()}: its cached pages may be the only copy of that "
                 "data; nothing was dropped (save what is needed, then drop with "
                 "--discard-failed)", self.path, failure)
-        requested, method = method, self.resolve_method(method, rng)
-        warning = None
-        if requested == "auto" and method == "fadvise" and self.kind == "block" \
-                and self.whole(rng):
-            warning = _privilege().fallback_warning()
+        method, warning = self.resolve_method(method, rng)
         before = self.status(rng=rng, interface=interface)
         if expect_clean:
             if before.dirty is None or before.writeback is None:

@@ -311,9 +311,10 @@ def auto_method(helper=None):
                                    f"({helper.problem}); {FADVISE_LIMITS}", helper.fix)
 
 
-def fallback_warning(helper=None):
-    """The warning drop gives when auto falls back to posix_fadvise."""
-    choice = auto_method(helper)
+def fallback_warning(choice=None):
+    """The warning drop gives when auto falls back to posix_fadvise; ``choice``
+    is auto_method()'s answer, when the caller has it already."""
+    choice = choice or auto_method()
     text = f"BLKFLSBUF unavailable, dropping with posix_fadvise: {choice.reason}"
     return text + (f"; fix: {choice.fix}" if choice.fix else "")
 
