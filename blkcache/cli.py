@@ -144,7 +144,6 @@ def run_targets(paths, action, recursive=False):
     ``recursive``, each path is expanded into itself, its partitions and the
     devices below it (see expand_devices).
     """
-    import contextlib
 
     from . import api, exitcodes
     from .errors import BlkcacheError
