@@ -5,7 +5,7 @@ import shlex
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +66,7 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-2.0-or-later",
     python_requires=">=3.8",
-    packages=["blkcache", "blkcache.hooks"],
+    packages=find_packages(include=["blkcache", "blkcache.*"]),
     package_data={"blkcache.hooks": ["qemu"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "click>=8.0"],
