@@ -1,29 +1,39 @@
-"""The libvirt qemu hook: fed a domain XML and hook arguments, on real loop devices."""
+"""The libvirt qemu hook, installed under a scratch root and fed domain XML,
+on real loop devices.  (tests/test_libvirt.py has libvirtd itself run it.)"""
 
 import os
+import re
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from blkcache import hooks
+from blkcache.integrations import libvirt
 
+import cliproc
 import kernel
 
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-DOMAIN = """<domain type='kvm'>
+DOMAIN = """<domain type='qemu'>
   <name>guest1</name>
+  <metadata>
+    <app:volumes xmlns:app='http://example.org/app'>
+      <disk type='block'><source dev='{meta}'/></disk>
+    </app:volumes>
+  </metadata>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='block' device='disk'>
       <driver name='qemu' type='raw' cache='writeback'/>
       <source dev='{0}'/>
+      <backingStore type='block'><source dev='{meta}'/></backingStore>
       <target dev='vda' bus='virtio'/>
     </disk>
     <disk type='file' device='disk'>
-      <source file='{2}'/>
+      <source file='{file}'/>
       <target dev='vdb' bus='virtio'/>
     </disk>
     <disk type='block' device='disk'>
@@ -37,101 +47,229 @@ DOMAIN = """<domain type='kvm'>
       <source dev='/dev/blkcache-test-no-such-volume'/>
       <target dev='vdd' bus='virtio'/>
     </disk>
+    <disk type='block' device='disk'>
+      <source dev='{relative}'/>
+      <target dev='vde' bus='virtio'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <source dev='{file}'/>
+      <target dev='vdf' bus='virtio'/>
+    </disk>
+    <disk type='network' device='disk'>
+      <source protocol='nbd' name='{meta}'><host name='127.0.0.1' port='10809'/></source>
+      <target dev='vdg' bus='virtio'/>
+    </disk>
   </devices>
 </domain>
 """
 
 
-def run_hook(args, xml, env_extra=None):
-    env = dict(os.environ)
-    env["BLKCACHE"] = f"{sys.executable} -m blkcache"
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, hooks.script_path("libvirt"), *args],
-                          input=xml, capture_output=True, text=True, env=env, timeout=120)
+@pytest.fixture
+def installed(tmp_path):
+    """The hook as --install writes it, under a scratch root."""
+    path, notes = libvirt.install(root=str(tmp_path / "root"))
+    return path
+
+
+def run_hook(hook, args, xml, env=None, cwd=None):
+    return subprocess.run([hook, *args], input=xml, capture_output=True, text=True,
+                          env=env if env is not None else {"PATH": "/usr/bin:/bin"},
+                          cwd=cwd, timeout=120)
+
+
+def planted(loops, count, pages=32):
+    """``count`` loop devices with ``pages`` cached pages each, held open."""
+    devs, fds = [], []
+    for _ in range(count):
+        dev = loops.attach(size=16 * MiB)
+        fd = loops.hold(dev)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        kernel.read_buffered(fd, 0, pages * PAGE)
+        devs.append(dev)
+        fds.append(fd)
+    return devs, fds
 
 
 @pytest.fixture
-def three_volumes(loops):
-    """Destination views of three shared volumes, each cached and held open;
-    the source's writes made the first one's cache stale."""
-    devs, fds = [], []
-    for _ in range(3):
-        image = loops.image(16 * MiB)
-        source, dest = loops.attach(image), loops.attach(image)
-        fd = loops.hold(dest)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        kernel.read_buffered(fd, 0, 32 * PAGE)
-        devs.append((source, dest))
-        fds.append(fd)
-    src_fd = loops.hold(devs[0][0], os.O_RDWR)
-    os.pwrite(src_fd, b"new!" * (PAGE // 4), 4 * PAGE)
+def volumes(loops, tmp_path):
+    """d1 (stale: a source wrote through another loop on its image), d2, and
+    ``meta``, named only in <metadata>, <backingStore> and a network disk;
+    a regular file named as a block disk, and a relative path to d2."""
+    image = loops.image(16 * MiB)
+    source, d1 = loops.attach(image), loops.attach(image)
+    fd1 = loops.hold(d1)
+    os.posix_fadvise(fd1, 0, 0, os.POSIX_FADV_RANDOM)
+    kernel.read_buffered(fd1, 0, 32 * PAGE)
+    (d2, meta), (fd2, fd_meta) = planted(loops, 2)
+    src_fd = loops.hold(source, os.O_RDWR)
+    os.pwrite(src_fd, b"new!" * (8 * PAGE // 4), 4 * PAGE)      # pages 4-11 of d1 stale
     os.fsync(src_fd)
-    return [d for _, d in devs], fds
+    file = tmp_path / "image.raw"
+    file.write_bytes(b"f" * (32 * PAGE))
+    ffd = os.open(file, os.O_RDONLY)
+    kernel.read_buffered(ffd, 0, 32 * PAGE)
+    xml = DOMAIN.format(d1, d2, meta=meta, file=file, relative=os.path.relpath(d2, "/"))
+    yield {"d1": d1, "d2": d2, "meta": meta, "file": str(file), "xml": xml,
+           "fds": {"d1": fd1, "d2": fd2, "meta": fd_meta, "file": ffd}}
+    os.close(ffd)
+
+
+def cached(vols):
+    return {name: kernel.cachestat(fd)["nr_cache"] for name, fd in vols["fds"].items()}
 
 
 @pytest.mark.parametrize("event", [("migrate", "begin", "-"), ("prepare", "begin", "-"),
                                    ("start", "begin", "-"), ("started", "begin", "-")])
-def test_hook_drops_exactly_the_domains_block_devices(three_volumes, tmp_path, event):
-    (d1, d2, d3), fds = three_volumes
-    xml = DOMAIN.format(d1, d2, tmp_path / "image.qcow2")
-    proc = run_hook(["guest1", *event], xml)
+def test_hook_drops_exactly_the_domains_block_devices(installed, volumes, event):
+    before = cached(volumes)
+    assert min(before.values()) >= 28
+    proc = run_hook(installed, ["guest1", *event], volumes["xml"], cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""          # "migrate begin": empty output = XML unchanged
-    assert [kernel.cachestat(fd)["nr_cache"] for fd in fds] == [0, 0, 32]
-    err = proc.stderr
-    assert "/dev/blkcache-test-no-such-volume does not exist" in err
-    assert f"running: blkcache verify --coherence --recursive {d1} {d2}" in err
-    assert f"running: blkcache drop --expect-clean --recursive {d1} {d2}" in err
-    assert f"{d1}: stale: 1 of 32 compared pages differ" in err
-    assert f"  stale offset {4 * PAGE} length {PAGE} (1 pages, 4K)" in err
-    assert f"{d2}: coherent: 32 cached pages match" in err
-    assert d3 not in err
+    after = cached(volumes)
+    assert (after["d1"], after["d2"]) == (0, 0)
+    # Named only in <metadata>, <backingStore>, a network disk, or as a file: untouched.
+    assert after["meta"] >= before["meta"] - 4 and after["file"] >= before["file"] - 4
+    d1, d2 = volumes["d1"], volumes["d2"]
+    op = " ".join(event[:2])
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith(f"blkcache-hook: guest1 {op}: ") for line in lines), lines
+    text = proc.stderr
+    assert "/dev/blkcache-test-no-such-volume: does not exist" in text
+    assert f"{os.path.relpath(d2, '/')}: not an absolute path; skipped" in text
+    assert f"{volumes['file']}: not a block device; skipped" in text
+    assert f"2 block devices: {d1} {d2}\n" in text
+    stale = re.search(rf"^blkcache-hook: guest1 {op}: {d1}: stale: (\d+) of (\d+) compared "
+                      r"cached pages differ from the device, 0 dirty; stale offset (\d+) ",
+                      text, re.M)
+    assert stale, text
+    assert 6 <= int(stale[1]) <= 8 and before["d1"] - 4 <= int(stale[2]) <= before["d1"]
+    assert 4 * PAGE <= int(stale[3]) <= 6 * PAGE
+    assert re.search(rf": {d2}: coherent: 0 of \d+ compared", text)
+    dropped = re.search(rf": {d1}: (\d+) -> 0 pages cached", text)
+    assert dropped and before["d1"] - 4 <= int(dropped[1]) <= before["d1"]
+    assert volumes["meta"] not in text
+    assert "dropped and verified in" in lines[-1]
 
 
 @pytest.mark.parametrize("event", [("stopped", "end", "-"), ("release", "end", "-"),
                                    ("migrate", "end", "-"), ("reconnect", "begin", "-")])
-def test_other_events_touch_nothing(three_volumes, tmp_path, event):
-    (d1, d2, _), fds = three_volumes
-    proc = run_hook(["guest1", *event], DOMAIN.format(d1, d2, tmp_path / "x"))
+def test_other_events_touch_nothing(installed, volumes, event):
+    before = cached(volumes)
+    proc = run_hook(installed, ["guest1", *event], volumes["xml"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
-    assert [kernel.cachestat(fd)["nr_cache"] for fd in fds] == [32, 32, 32]
+    after = cached(volumes)
+    assert all(after[k] >= before[k] - 4 for k in before), (before, after)
 
 
-def test_dirty_pages_on_the_destination_abort(loops, tmp_path):
+def test_dirty_pages_on_the_destination_abort(installed, loops):
     dev = loops.attach(size=16 * MiB)
     wfd = loops.hold(dev, os.O_RDWR)
     os.pwrite(wfd, b"x" * PAGE, 0)
-    proc = run_hook(["guest1", "migrate", "begin", "-"],
-                    DOMAIN.format(dev, dev, tmp_path / "x"))
+    xml = f"<domain><devices><disk type='block'><source dev='{dev}'/></disk></devices></domain>"
+    proc = run_hook(installed, ["guest1", "migrate", "begin", "-"], xml)
     assert proc.returncode == 1
     assert proc.stdout == ""
-    assert "refusing migrate" in proc.stderr
+    assert "dirty" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("blkcache-hook: guest1 migrate begin: page "
+                                            "cache not dropped; refusing migrate")
     assert kernel.cachestat(wfd)["nr_dirty"] == 1      # nothing written, nothing dropped
 
 
-def test_bad_xml_no_disks_and_missing_blkcache(loopdev, tmp_path):
-    proc = run_hook(["guest1", "migrate", "begin", "-"], "<domain>")
+def test_bad_xml_and_no_disks(installed, loopdev):
+    proc = run_hook(installed, ["guest1", "migrate", "begin", "-"], "<domain>")
     assert proc.returncode == 1 and "cannot parse the domain XML" in proc.stderr
-    proc = run_hook(["guest1", "prepare", "begin", "-"],
+    assert len(proc.stderr.splitlines()) == 1
+    proc = run_hook(installed, ["guest1", "prepare", "begin", "-"],
+                    f"<disk type='block'><source dev='{loopdev}'/></disk>")
+    assert proc.returncode == 1 and "root element is <disk>" in proc.stderr
+    proc = run_hook(installed, ["guest1", "prepare", "begin", "-"],
                     "<domain><devices/></domain>")
     assert (proc.returncode, proc.stdout) == (0, "")
-    kernel.read_buffered(loopdev.fd, 0, 16 * PAGE)
-    cached = kernel.cachestat(loopdev.fd)["nr_cache"]
-    proc = run_hook(["guest1", "start", "begin", "-"],
-                    DOMAIN.format(loopdev, loopdev, tmp_path / "x"),
-                    {"BLKCACHE": "", "PATH": str(tmp_path)})
-    assert proc.returncode == 1
-    assert "blkcache not found on PATH (set BLKCACHE); refusing" in proc.stderr
-    assert kernel.cachestat(loopdev.fd)["nr_cache"] == cached
+    assert "no block device to drop" in proc.stderr
+    proc = run_hook(installed, ["guest1"], "<domain/>")
+    assert proc.returncode == 1 and "usage:" in proc.stderr
 
 
-def test_cli_prints_the_shipped_script():
-    out = subprocess.run([sys.executable, "-m", "blkcache", "hook", "libvirt"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0
-    with open(hooks.script_path("libvirt"), encoding="utf-8") as f:
-        assert out.stdout == f.read()
-    assert out.stdout.startswith("#!/usr/bin/env python3\n")
-    path = subprocess.run([sys.executable, "-m", "blkcache", "hook", "libvirt", "--path"],
-                          capture_output=True, text=True)
-    assert path.stdout.strip() == hooks.script_path("libvirt")
+def test_log_lines_are_escaped(installed):
+    evil = "/dev/no&#10;such&#x2028;&#x85;x"      # newline, line separator, NEL
+    xml = (f"<domain><devices><disk type='block'><source dev='{evil}'/></disk>"
+           "</devices></domain>")
+    proc = run_hook(installed, ["guest\nname", "prepare", "begin", "-"], xml)
+    assert proc.returncode == 0
+    assert proc.stderr.split("\n") == [
+        "blkcache-hook: guest\\nname prepare begin: /dev/no\\nsuch\\u2028\\x85x: "
+        "does not exist (no page cache to drop); skipped",
+        "blkcache-hook: guest\\nname prepare begin: no block device to drop", ""]
+
+
+def test_hook_runs_its_own_blkcache_whatever_path_pythonpath_and_cwd(installed, loopdev,
+                                                                      tmp_path):
+    """A `blkcache` on PATH, a blkcache package on PYTHONPATH and in the current
+    directory: the hook uses none of them, only the package it was installed from."""
+    trap = tmp_path / "trap"
+    (trap / "blkcache" / "integrations").mkdir(parents=True)
+    marker = tmp_path / "hijacked"
+    code = f"open({str(marker)!r}, 'w').close()\n"
+    (trap / "blkcache" / "__init__.py").write_text(code)
+    (trap / "blkcache" / "integrations" / "__init__.py").write_text(code)
+    (trap / "blkcache" / "integrations" / "libvirt.py").write_text(
+        code + "def main(argv):\n    return 0\n")
+    (trap / "blkcache-cmd").write_text(f"#!/bin/sh\n{sys.executable} -c \"{code}\"\n")
+    os.chmod(trap / "blkcache-cmd", 0o755)
+    os.symlink(trap / "blkcache-cmd", trap / "blkcache" / "blkcache")
+    os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
+    kernel.read_buffered(loopdev.fd, 0, 64 * PAGE)
+    xml = f"<domain><devices><disk type='block'><source dev='{loopdev}'/></disk></devices></domain>"
+    env = {"PATH": f"{trap / 'blkcache'}:/usr/bin:/bin", "PYTHONPATH": str(trap),
+           "PYTHONHOME": str(trap), "PYTHONSTARTUP": str(trap / "blkcache" / "__init__.py")}
+    proc = run_hook(installed, ["guest1", "start", "begin", "-"], xml, env=env, cwd=trap)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    assert kernel.cachestat(loopdev.fd)["nr_cache"] == 0
+    assert "dropped and verified" in proc.stderr
+
+
+def test_install_writes_an_executable_root_owned_script_atomically(tmp_path):
+    root = tmp_path / "root"
+    legacy = root / "etc/libvirt/hooks/qemu"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text("#!/bin/sh\n# someone else's hook\n")
+    path, notes = libvirt.install(root=str(root))
+    assert path == str(root / "etc/libvirt/hooks/qemu.d/blkcache")
+    info = os.stat(path)
+    assert stat.S_IMODE(info.st_mode) == 0o755 and (info.st_uid, info.st_gid) == (0, 0)
+    assert os.listdir(os.path.dirname(path)) == ["blkcache"]       # no temporary left
+    with open(path) as f:
+        text = f.read()
+    assert text == libvirt.hook_script()
+    assert text.startswith(f"#!{sys.executable} -I\n")
+    assert repr(cliproc.PKG_PARENT) in text
+    assert legacy.read_text() == "#!/bin/sh\n# someone else's hook\n"
+    assert any("restart libvirtd" in note for note in notes)
+    assert any(str(legacy) in note and "left untouched" in note for note in notes)
+    # Again: replaced in place, still one file.
+    os.chmod(path, 0o600)
+    libvirt.install(root=str(root))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+    assert os.listdir(os.path.dirname(path)) == ["blkcache"]
+    assert libvirt.uninstall(root=str(root)) == (path, True)
+    assert libvirt.uninstall(root=str(root)) == (path, False)
+    assert legacy.exists()
+
+
+def test_install_refuses_an_interpreter_a_shebang_cannot_name(tmp_path):
+    for python in ("python3", "/opt/my python/bin/python3", "/x" * 150):
+        with pytest.raises(libvirt.InstallError, match="absolute path without blanks"):
+            libvirt.install(root=str(tmp_path), python=python)
+    assert not (tmp_path / "etc/libvirt/hooks/qemu.d/blkcache").exists()
+
+
+def test_cli_prints_the_hook_and_its_path():
+    code, out, err = cliproc.run("hook", "libvirt")
+    assert (code, err) == (0, "")
+    assert out == libvirt.hook_script()
+    code, out, err = cliproc.run("hook", "libvirt", "--path")
+    assert (code, out, err) == (0, "/etc/libvirt/hooks/qemu.d/blkcache\n", "")
+    code, out, err = cliproc.run("hook", "--help")
+    assert code == 0 and "--install" in out and "--uninstall" in out

@@ -1,0 +1,317 @@
+"""libvirt's qemu hook: drop the page cache of a domain's block disks.
+
+On a live-migration destination the page cache may hold stale pages of a
+shared block volume (read while the source was still writing).  libvirt runs
+every executable in /etc/libvirt/hooks/qemu.d/ (libvirt >= 6.5) as
+
+    HOOK GUEST OPERATION SUB-OPERATION EXTRA   (the domain XML on stdin)
+
+and aborts the operation when one exits non-zero.  On the events in EVENTS
+this hook takes the domain's ``<disk type='block'>`` sources (only
+``/domain/devices/disk``, only absolute paths of block devices), expands each
+into its partitions and the devices below it, reports their coherence
+(stale pages are listed, not fatal), then drops their page cache with
+``expect_clean``: dirty pages on a destination, a failed drop or pages left
+make the hook exit 1, and libvirt aborts the start or the migration.  Every
+other event exits 0 at once.  Standard output stays empty: for "migrate
+begin" libvirt reads it as the (unchanged) domain XML.
+
+The installed hook is a few lines (hook_script()) that run this module with
+the interpreter and the blkcache package it was installed from, in one
+process: no blkcache command, no PATH look-up.
+"""
+
+import contextlib
+import os
+import stat
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+#: Where --install writes the hook, below the root directory.
+HOOK_PATH = "/etc/libvirt/hooks/qemu.d/blkcache"
+#: libvirt's single-file hook, run before the scripts in qemu.d: never touched.
+LEGACY_HOOK_PATH = "/etc/libvirt/hooks/qemu"
+
+#: (operation, sub-operation) pairs the hook acts on:
+#:   migrate begin   incoming migration, before anything is set up
+#:   prepare begin   before resources are allocated (every start, and incoming migration)
+#:   start begin     before the QEMU process is spawned
+#:   started begin   after QEMU started (for migration: in incoming mode, after it
+#:                   opened and probed the disks)
+EVENTS = frozenset({("migrate", "begin"), ("prepare", "begin"), ("start", "begin"),
+                    ("started", "begin")})
+
+EXIT_REFUSED = 1
+
+SCRIPT = """\
+#!{python} -I
+# blkcache {version}: libvirt qemu hook, written by `blkcache hook libvirt --install`.
+# libvirt runs it as: blkcache GUEST OPERATION SUB-OPERATION EXTRA, the domain XML on stdin.
+# It runs blkcache from the directory below with this interpreter; -I keeps PYTHON*
+# variables, the user's site-packages and the current directory out.
+import sys
+sys.path.insert(0, {package_parent!r})
+from blkcache.integrations.libvirt import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def printable(text):
+    """``text`` on one line: control characters and undecodable bytes escaped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class Log:
+    """Lines on standard error, "blkcache-hook: GUEST OP SUB: message", escaped.
+
+    libvirt keeps a hook's standard error: in the error it reports when the
+    hook fails, and in its own log (log_filters "1:util.command").
+    """
+
+    def __init__(self, file=None, prefix=""):
+        self.file = file if file is not None else sys.stderr
+        self.prefix = prefix
+
+    def __call__(self, message):
+        try:
+            print(printable(f"blkcache-hook: {self.prefix}{message}"), file=self.file,
+                  flush=True)
+        except OSError:
+            pass    # standard error is gone: the exit status still tells
+
+
+# ---- the domain XML -------------------------------------------------------------
+
+
+def disk_sources(xml_text):
+    """(block device paths, skipped): the sources of the domain's block disks.
+
+    Only ``/domain/devices/disk`` elements count (a ``<disk>`` anywhere else,
+    e.g. in ``<metadata>``, is not a disk of the domain), only ``type='block'``
+    with a ``<source dev=...>``.  ``skipped`` lists (path, reason) for sources
+    that are not absolute paths of existing block devices.  Raises
+    ET.ParseError on malformed XML.
+    """
+    root = ET.fromstring(xml_text)
+    devices, skipped = [], []
+    if root.tag != "domain":
+        raise ET.ParseError(f"root element is <{root.tag}>, not <domain>")
+    for disk in root.findall("./devices/disk"):
+        source = disk.find("./source")
+        dev = source.get("dev") if disk.get("type") == "block" and source is not None else None
+        if not dev or dev in devices:
+            continue
+        reason = _not_a_block_device(dev)
+        if reason:
+            skipped.append((dev, reason))
+        else:
+            devices.append(dev)
+    return devices, skipped
+
+
+def _not_a_block_device(path):
+    """Why ``path`` is not taken (None: it is an absolute path of a block device)."""
+    if not os.path.isabs(path):
+        return "not an absolute path"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist (no page cache to drop)"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
+    if not stat.S_ISBLK(mode):
+        return "not a block device"
+    return None
+
+
+# ---- what the hook does -------------------------------------------------------
+
+
+def _reason(exc):
+    from ..errors import BlkcacheError
+
+    if isinstance(exc, BlkcacheError):
+        return str(exc)
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+def _coherence_line(report):
+    if report.verdict == "unknown":
+        return f"{report.path}: coherence unknown: {report.reason}"
+    line = (f"{report.path}: {report.verdict}: {report.stale} of {report.compared} "
+            f"compared cached pages differ from the device, {report.dirty} dirty")
+    for offset, length in report.stale_ranges[:4]:
+        line += f"; stale offset {offset} length {length}"
+    return line
+
+
+def _drop_line(result):
+    return (f"{result.path}: {result.before.cached} -> {result.after.cached} pages cached "
+            f"(method {result.method}, {result.attempts} attempts)")
+
+
+def _expand(devices, log):
+    """Each device, its partitions and the devices below it; None if one has no node."""
+    from .. import stack
+
+    paths = []
+    for rel in stack.expand_all(devices):
+        if rel.missing:
+            log(f"{rel.name} ({rel.rdev}, {rel.relation} of {rel.parent}): no device "
+                "node in /dev, its page cache cannot be dropped")
+            return None
+        paths.append(rel.path)
+    return paths
+
+
+def protect(devices, log):
+    """Report coherence, then drop with expect_clean, every device and its relatives.
+
+    True when every page cache is known to be empty afterwards.
+    """
+    from .. import api, coherence
+    from ..errors import BlkcacheError
+
+    paths = _expand(devices, log)
+    if paths is None:
+        return False
+    with contextlib.ExitStack() as stack:
+        try:
+            targets = api.open_targets(paths, stack)
+        except (OSError, BlkcacheError) as exc:
+            log(_reason(exc))
+            return False
+        for target in targets:
+            try:
+                log(_coherence_line(coherence.check(target)))
+            except (OSError, BlkcacheError) as exc:
+                log(f"coherence check failed: {_reason(exc)}")
+        for target in targets:
+            try:
+                result = target.drop(expect_clean=True)
+            except (OSError, BlkcacheError) as exc:
+                log(_reason(exc))
+                return False
+            log(_drop_line(result))
+            if not result.complete:
+                log(f"{target.path}: pages remain cached after the drop")
+                return False
+    return True
+
+
+def main(argv, stdin=None, stderr=None):
+    """The hook: libvirt's arguments in ``argv``, the domain XML on ``stdin``."""
+    xml_text = (stdin if stdin is not None else sys.stdin).read()   # always read it
+    log = Log(stderr)
+    if len(argv) < 3:
+        log("usage: blkcache GUEST OPERATION SUB-OPERATION [EXTRA]")
+        return EXIT_REFUSED
+    guest, operation, sub = argv[:3]
+    if (operation, sub) not in EVENTS:
+        return 0
+    started = time.monotonic()
+    log = Log(stderr, f"{guest} {operation} {sub}: ")
+    try:
+        devices, skipped = disk_sources(xml_text)
+    except ET.ParseError as exc:
+        log(f"cannot parse the domain XML: {exc}; refusing {operation}")
+        return EXIT_REFUSED
+    for dev, reason in skipped:
+        log(f"{dev}: {reason}; skipped")
+    if not devices:
+        log("no block device to drop")
+        return 0
+    log(f"{len(devices)} block devices: {' '.join(devices)}")
+    if not protect(devices, log):
+        log(f"page cache not dropped; refusing {operation}")
+        return EXIT_REFUSED
+    elapsed = (time.monotonic() - started) * 1000
+    log(f"page cache of {len(devices)} block devices dropped and verified "
+        f"in {elapsed:.1f} ms")
+    return 0
+
+
+# ---- installing the hook ------------------------------------------------------
+
+
+class InstallError(Exception):
+    """The hook cannot be written or removed; the message says why."""
+
+
+def hook_script(python=None, package_parent=None):
+    """The text of the hook for interpreter ``python`` and the blkcache package
+    in directory ``package_parent`` (default: this interpreter and package)."""
+    from .. import __version__
+
+    python = python or sys.executable
+    if not python or not os.path.isabs(python) or any(c.isspace() for c in python) \
+            or len(python) > 200:
+        raise InstallError(f"{printable(str(python))}: the interpreter needs an absolute "
+                           "path without blanks, at most 200 characters, for a #! line")
+    if package_parent is None:
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+    return SCRIPT.format(python=python, version=__version__, package_parent=package_parent)
+
+
+def _under(root, path):
+    return os.path.join(root, path.lstrip("/"))
+
+
+def install(root="/", python=None):
+    """Write the hook atomically as HOOK_PATH below ``root`` (root-owned when run
+    as root, mode 0755).  Returns (path, notes): notes are lines for the user."""
+    path = _under(root, HOOK_PATH)
+    text = hook_script(python)
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blkcache.", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                if os.geteuid() == 0:
+                    os.fchown(f.fileno(), 0, 0)
+                os.fchmod(f.fileno(), 0o755)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise InstallError(f"{exc.filename or path}: {exc.strerror}") from exc
+    notes = ["libvirtd reads its hooks when it starts: restart libvirtd (or virtqemud) "
+             "for this hook to run"]
+    legacy = _under(root, LEGACY_HOOK_PATH)
+    if os.path.lexists(legacy):
+        notes.append(f"{legacy} exists and was left untouched; libvirt runs it before "
+                     f"{HOOK_PATH}" + (" (it looks like an older blkcache hook: remove it, "
+                                       "or blkcache runs twice)"
+                                       if _mentions_blkcache(legacy) else ""))
+    return path, notes
+
+
+def _mentions_blkcache(path):
+    try:
+        with open(path, "rb") as f:
+            return b"blkcache" in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def uninstall(root="/"):
+    """Remove the hook below ``root``; returns (path, removed)."""
+    path = _under(root, HOOK_PATH)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return path, False
+    except OSError as exc:
+        raise InstallError(f"{path}: {exc.strerror}") from exc
+    return path, True
