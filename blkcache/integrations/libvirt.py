@@ -151,7 +151,8 @@ def _coherence_line(report):
 
 def _drop_line(result):
     return (f"{result.path}: {result.before.cached} -> {result.after.cached} pages cached "
-            f"(method {result.method}, {result.attempts} attempts)")
+            f"(method {result.method}, {result.attempts} "
+            f"attempt{'s' if result.attempts != 1 else ''})")
 
 
 def _expand(devices, log):
@@ -225,13 +226,13 @@ def main(argv, stdin=None, stderr=None):
     if not devices:
         log("no block device to drop")
         return 0
-    log(f"{len(devices)} block devices: {' '.join(devices)}")
+    count = f"{len(devices)} block device{'s' if len(devices) != 1 else ''}"
+    log(f"{count}: {' '.join(devices)}")
     if not protect(devices, log):
         log(f"page cache not dropped; refusing {operation}")
         return EXIT_REFUSED
     elapsed = (time.monotonic() - started) * 1000
-    log(f"page cache of {len(devices)} block devices dropped and verified "
-        f"in {elapsed:.1f} ms")
+    log(f"page cache of {count} dropped and verified in {elapsed:.1f} ms")
     return 0
 
 
