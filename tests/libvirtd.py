@@ -53,7 +53,6 @@ set -e
 root=$1; host=$2
 for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt \\
             log:/var/log/libvirt cache:/var/cache/libvirt; do
-    mkdir -p "${pair#*:}"
     mount --bind "$root/${pair%%:*}" "${pair#*:}"
 done
 # KVM is root-only here, so libvirt's QEMU (libvirt-qemu) runs TCG; probing as root
@@ -104,6 +103,7 @@ class Daemon:
         self.uuid = str(uuid.uuid4())
         self.uri = f"qemu+unix:///system?socket={root}/run/libvirt-sock"
         self.holder = self.virtlogd = self.libvirtd = None
+        self.made = []
         self.install_output = None
 
     def path(self, inside):
@@ -125,6 +125,11 @@ class Daemon:
             f.write(LIBVIRTD_CONF.format(uuid=self.uuid))
         with open(os.path.join(self.root, "etc", "qemu.conf"), "w") as f:
             f.write(QEMU_CONF)
+        # Mount points the machine lacks (e.g. /run/libvirt before libvirt ever ran)
+        # are made here and removed by stop().
+        self.made = [mount for _, mount in BIND if not os.path.isdir(mount)]
+        for mount in self.made:
+            os.makedirs(mount, mode=0o755, exist_ok=True)
         if capabilities_from:
             _copy_tree(capabilities_from.path("/var/cache/libvirt/qemu"),
                        self.path("/var/cache/libvirt/qemu"))
@@ -147,16 +152,24 @@ class Daemon:
             self.install_output = out
         log = open(os.path.join(self.root, "daemons.out"), "ab")
         with log:
-            self.virtlogd = self._nsenter("virtlogd", stdout=log, stderr=log)
+            self.virtlogd = self._nsenter("virtlogd", "-p", "/run/libvirt/virtlogd.pid",
+                                          stdout=log, stderr=log)
+            _wait(lambda: self._alive(self.virtlogd) and
+                  os.path.exists(self.path("/run/libvirt/virtlogd-sock")), 30, "virtlogd")
             self.libvirtd = self._nsenter("libvirtd", "-p", "/run/libvirt/libvirtd.pid",
                                           stdout=log, stderr=log)
         _wait(self._answers, 60, f"libvirtd in {self.root}")
         return self
 
+    def _alive(self, proc):
+        if proc.poll() is not None:
+            with open(os.path.join(self.root, "daemons.out"), errors="replace") as f:
+                raise RuntimeError(f"{proc.args[5:]} exited with {proc.returncode}: "
+                                   + f.read()[-2000:])
+        return True
+
     def _answers(self):
-        if self.libvirtd.poll() is not None:
-            raise RuntimeError(f"libvirtd exited with {self.libvirtd.returncode}")
-        return self.virsh("uri", check=False, timeout=30).returncode == 0
+        return self._alive(self.libvirtd) and self.virsh("uri", check=False, timeout=30).returncode == 0
 
     def virsh(self, *args, check=True, timeout=VIRSH_TIMEOUT):
         proc = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True,
@@ -214,6 +227,9 @@ class Daemon:
         _end(self.libvirtd)
         _end(self.virtlogd)
         _end(self.holder)
+        for mount in reversed(self.made):
+            with contextlib.suppress(OSError):
+                os.rmdir(mount)
 
     def _kill_qemus(self):
         piddir = self.path("/run/libvirt/qemu")

@@ -9,6 +9,7 @@ machine reclaims page cache by itself (a few % per minute), so "gone" is ~0
 while a control device held the same way keeps most of its pages.
 """
 
+import mmap
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import cliproc
 import kernel
 import libvirtd
 from libvirtd import block_disk, domain_xml
+from test_recursive import add_partitions, wait_for
 
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -241,3 +243,102 @@ def test_file_network_and_metadata_disks_are_left_alone(daemon, domains, loops, 
                                             "started begin"], runs
     for event, _ in runs:
         assert hook_lines(daemon, name, event) == ["no block device to drop"]
+
+
+# ---- live migration: two daemons on this machine stand for two hypervisors ----
+
+# The destination's views of the shared volume that the test makes stale: a range
+# of the whole device, and a partition (QEMU >= 4.0 drops the cache of the device it
+# opens when an incoming migration takes over -- never that of a partition).
+WHOLE_OFF = 8 * MiB
+PART_OFF, PART_LEN = 32 * MiB, 16 * MiB
+STALE_LEN = 16 * MiB
+
+
+@pytest.fixture
+def destination(daemons_dir, daemon, loops):
+    """A second libvirtd with the hook, its own hostname and host UUID (depends on
+    loops: its domains end before the loop devices are detached)."""
+    d = libvirtd.Daemon(tempfile.mkdtemp(prefix="b-", dir=daemons_dir),
+                        f"blkcache-b-{os.getpid()}")
+    try:
+        d.start(capabilities_from=daemon)
+        yield d
+    finally:
+        d.stop()
+
+
+def write_direct(dev, offset, data):
+    """The source host writes: O_DIRECT through its own view, then fsync."""
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf.write(data)
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_live_migration_leaves_no_stale_page_on_the_destination(daemon, destination,
+                                                                 domains, loops):
+    image = loops.image(64 * MiB)
+    src = loops.attach(image)
+    dst = loops.attach(image, partscan=True)
+    add_partitions(dst, [(PART_OFF, PART_LEN)])
+    part = f"{dst}p1"
+    assert wait_for(part, 10), f"{part} did not appear"
+    control = loops.attach(size=64 * MiB)
+    name = domains.define(daemon, block_disk(src))
+    daemon.virsh("start", name)
+    # The destination host read the volume (stale views), then the source wrote.
+    fds = {"whole": loops.hold(dst), "part": loops.hold(part), "control": loops.hold(control)}
+    views = {"whole": (fds["whole"], WHOLE_OFF), "part": (fds["part"], 0),
+             "control": (fds["control"], WHOLE_OFF)}
+    planted = {key: plant(fd, off, STALE_LEN) for key, (fd, off) in views.items()}
+    assert min(planted.values()) >= 0.95 * STALE_LEN // PAGE, planted
+    new = {"whole": os.urandom(STALE_LEN), "part": os.urandom(STALE_LEN)}
+    write_direct(src, WHOLE_OFF, new["whole"])
+    write_direct(src, PART_OFF, new["part"])
+    for key in ("whole", "part"):
+        fd, off = views[key]
+        assert os.pread(fds[key], PAGE, off + STALE_LEN // 2) != \
+            new[key][STALE_LEN // 2:STALE_LEN // 2 + PAGE]            # stale, really
+    dst_xml = os.path.join(destination.root, f"{name}-migrate.xml")
+    with open(dst_xml, "w") as f:
+        f.write(daemon.virsh("dumpxml", "--migratable", name).stdout.replace(
+            f"'{src}'", f"'{dst}'"))
+    started = time.monotonic()
+    proc = daemon.virsh("migrate", "--live", "--verbose", name, destination.uri,
+                        "--migrateuri", f"tcp://127.0.0.1:{libvirtd.free_port()}",
+                        "--xml", dst_xml, check=False)
+    wall = time.monotonic() - started
+    domains.defined.append((destination, name))
+    assert proc.returncode == 0, proc.stderr
+    assert destination.state(name) == "running"
+    assert daemon.state(name) in (None, "shut off")
+    after = {key: cached(fd, off, STALE_LEN) for key, (fd, off) in views.items()}
+    # No page from before the handover is left in the destination's views...
+    assert after["whole"] <= 0.01 * planted["whole"], after
+    assert after["part"] <= 0.01 * planted["part"], after
+    assert after["control"] >= 0.8 * planted["control"], after
+    # ...blkcache finds every cached page of them coherent with the device...
+    code, out, err = cliproc.run("verify", "--coherence", "--recursive", dst)
+    assert (code, err) == (0, ""), out + err
+    assert f"{dst}: coherent: " in out and f"{part}: coherent: " in out
+    # ...and a reader on the destination gets the source's bytes.
+    assert kernel.read_buffered(fds["whole"], WHOLE_OFF, STALE_LEN) == new["whole"]
+    assert kernel.read_buffered(fds["part"], 0, STALE_LEN) == new["part"]
+    # The destination's libvirt ran the hook: it found the stale pages and dropped them.
+    runs = destination.hook_runs(name)
+    assert [event for event, _ in runs] == ["migrate begin", "prepare begin",
+                                            "start begin", "started begin"], runs
+    lines = hook_lines(destination, name, "migrate begin")
+    assert lines[0] == f"1 block device: {dst}", lines
+    for dev, key in ((dst, "whole"), (part, "part")):
+        stale = [int(m[1]) for m in (re.match(rf"{dev}: stale: (\d+) of \d+ compared", line)
+                                     for line in lines) if m]
+        assert len(stale) == 1 and 0.8 * planted[key] <= stale[0] <= planted[key], lines
+        assert any(re.match(rf"{dev}: \d+ -> 0 pages cached", line) for line in lines), lines
+    assert lines[-1].startswith("page cache of 1 block device dropped and verified in ")
+    print(f"\nvirsh migrate --live: {wall:.2f} s; destination hook runs (event, s): {runs}")
