@@ -25,7 +25,6 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -266,6 +265,8 @@ def _under(root, path):
 def install(root="/", python=None):
     """Write the hook atomically as HOOK_PATH below ``root`` (root-owned when run
     as root, mode 0755).  Returns (path, notes): notes are lines for the user."""
+    import tempfile     # not at the top: the hook itself never needs it
+
     path = _under(root, HOOK_PATH)
     text = hook_script(python)
     directory = os.path.dirname(path)
