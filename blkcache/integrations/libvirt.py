@@ -139,10 +139,18 @@ def _reason(exc):
 
 
 def _coherence_line(report):
+    name = report.path
     if report.verdict == "unknown":
-        return f"{report.path}: coherence unknown: {report.reason}"
-    line = (f"{report.path}: {report.verdict}: {report.stale} of {report.compared} "
-            f"compared cached pages differ from the device, {report.dirty} dirty")
+        return f"{name}: coherence unknown: {report.reason}"
+    if report.verdict == "coherent":
+        return f"{name}: coherent: {report.compared} cached pages match the device"
+    if report.verdict == "dirty":
+        return (f"{name}: dirty: {report.compared} cached pages match the device, "
+                f"{report.dirty} dirty pages not compared")
+    line = (f"{name}: stale: {report.stale} of {report.compared} compared pages differ "
+            "from the device")
+    if report.dirty:
+        line += f", {report.dirty} dirty pages not compared"
     for offset, length in report.stale_ranges[:4]:
         line += f"; stale offset {offset} length {length}"
     return line
