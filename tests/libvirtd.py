@@ -169,7 +169,8 @@ class Daemon:
         return True
 
     def _answers(self):
-        return self._alive(self.libvirtd) and self.virsh("uri", check=False, timeout=30).returncode == 0
+        return self._alive(self.libvirtd) and \
+            self.virsh("uri", check=False, timeout=30).returncode == 0
 
     def virsh(self, *args, check=True, timeout=VIRSH_TIMEOUT):
         proc = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True,

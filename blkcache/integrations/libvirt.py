@@ -273,7 +273,7 @@ def _under(root, path):
 def install(root="/", python=None):
     """Write the hook atomically as HOOK_PATH below ``root`` (root-owned when run
     as root, mode 0755).  Returns (path, notes): notes are lines for the user."""
-    import tempfile     # not at the top: the hook itself never needs it
+    import tempfile  # not at the top: the hook itself never needs it
 
     path = _under(root, HOOK_PATH)
     text = hook_script(python)
