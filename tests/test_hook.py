@@ -259,6 +259,17 @@ def test_install_writes_an_executable_root_owned_script_atomically(tmp_path):
     assert legacy.exists()
 
 
+def test_install_warns_when_others_than_root_can_change_what_root_runs(tmp_path):
+    python = tmp_path / "python3"
+    python.write_text("")
+    os.chown(python, 65534, 65534)
+    path, notes = libvirt.install(root=str(tmp_path / "root"), python=str(python))
+    assert notes[0] == (f"{python} (uid 65534, mode 0644) can be changed by others than "
+                        "root, and libvirtd runs the hook as root with it")
+    _, notes = libvirt.install(root=str(tmp_path / "root"))
+    assert not any("can be changed" in note for note in notes), notes
+
+
 def test_install_refuses_an_interpreter_a_shebang_cannot_name(tmp_path):
     for python in ("python3", "/opt/my python/bin/python3", "/x" * 150):
         with pytest.raises(libvirt.InstallError, match="absolute path without blanks"):

@@ -250,6 +250,11 @@ class InstallError(Exception):
     """The hook cannot be written or removed; the message says why."""
 
 
+def _package_parent():
+    """The directory that holds this blkcache package."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def hook_script(python=None, package_parent=None):
     """The text of the hook for interpreter ``python`` and the blkcache package
     in directory ``package_parent`` (default: this interpreter and package)."""
@@ -260,10 +265,25 @@ def hook_script(python=None, package_parent=None):
             or len(python) > 200:
         raise InstallError(f"{printable(str(python))}: the interpreter needs an absolute "
                            "path without blanks, at most 200 characters, for a #! line")
-    if package_parent is None:
-        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))))
-    return SCRIPT.format(python=python, version=__version__, package_parent=package_parent)
+    return SCRIPT.format(python=python, version=__version__,
+                         package_parent=package_parent or _package_parent())
+
+
+def untrusted(paths):
+    """Lines for each path libvirtd would run as root that someone else could change:
+    not owned by root, or writable by group or others."""
+    lines = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            lines.append(f"{path}: cannot stat: {exc.strerror}")
+            continue
+        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            lines.append(f"{path} (uid {info.st_uid}, mode "
+                         f"{stat.S_IMODE(info.st_mode):04o}) can be changed by others than "
+                         "root, and libvirtd runs the hook as root with it")
+    return lines
 
 
 def _under(root, path):
@@ -276,6 +296,7 @@ def install(root="/", python=None):
     import tempfile  # not at the top: the hook itself never needs it
 
     path = _under(root, HOOK_PATH)
+    python = python or sys.executable
     text = hook_script(python)
     directory = os.path.dirname(path)
     try:
@@ -296,8 +317,10 @@ def install(root="/", python=None):
             raise
     except OSError as exc:
         raise InstallError(f"{exc.filename or path}: {exc.strerror}") from exc
-    notes = ["libvirtd reads its hooks when it starts: restart libvirtd (or virtqemud) "
-             "for this hook to run"]
+    package = os.path.join(_package_parent(), "blkcache")
+    notes = untrusted([os.path.realpath(python), package, os.path.dirname(package)])
+    notes.append("libvirtd reads its hooks when it starts: restart libvirtd (or virtqemud) "
+                 "for this hook to run")
     legacy = _under(root, LEGACY_HOOK_PATH)
     if os.path.lexists(legacy):
         notes.append(f"{legacy} exists and was left untouched; libvirt runs it before "
