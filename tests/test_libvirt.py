@@ -343,4 +343,7 @@ def test_live_migration_leaves_no_stale_page_on_the_destination(daemon, destinat
         assert len(stale) == 1 and 0.8 * planted[key] <= stale[0] <= planted[key], lines
         assert any(re.match(rf"{dev}: \d+ -> 0 pages cached", line) for line in lines), lines
     assert lines[-1].startswith("page cache of 1 block device dropped and verified in ")
-    print(f"\nvirsh migrate --live: {wall:.2f} s; destination hook runs (event, s): {runs}")
+    inside = [hook_lines(destination, name, event)[-1].rsplit(" in ", 1)[-1]
+              for event, _ in runs]
+    print(f"\nvirsh migrate --live: {wall:.2f} s; destination hook runs (event, s): {runs}; "
+          f"of which in-process (imports, checks, drops): {inside}")
