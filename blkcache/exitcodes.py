@@ -20,10 +20,10 @@
 """
 
 from .errors import (
+    NOT_FOUND_ERRNOS,
     BlkcacheError,
     CannotTellError,
     DirtyPagesError,
-    NOT_FOUND_ERRNOS,
     MethodUnavailableError,
     WritebackFailedBefore,
 )

@@ -18,7 +18,7 @@ from blkcache import privilege
 from blkcache.errors import MethodUnavailableError
 
 import kernel
-from unprivileged import cached_loop, granted, node_mode, nobody  # noqa: F401
+from unprivileged import cached_loop, node_mode
 
 MiB = 1 << 20
 
