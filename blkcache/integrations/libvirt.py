@@ -162,53 +162,30 @@ def _drop_line(result):
             f"attempt{'s' if result.attempts != 1 else ''})")
 
 
-def _expand(devices, log):
-    """Each device, its partitions and the devices below it; None if one has no node."""
-    from .. import stack
-
-    paths = []
-    for rel in stack.expand_all(devices):
-        if rel.missing:
-            log(f"{rel.name} ({rel.rdev}, {rel.relation} of {rel.parent}): no device "
-                "node in /dev, its page cache cannot be dropped")
-            return None
-        paths.append(rel.path)
-    return paths
-
-
 def protect(devices, log):
-    """Report coherence, then drop with expect_clean, every device and its relatives.
+    """What `blkcache verify --coherence -r` then `blkcache drop --expect-clean -r`
+    do to ``devices``, in this process, each outcome logged.
 
     True when every page cache is known to be empty afterwards.
     """
-    from .. import api, coherence
-    from ..errors import BlkcacheError
+    from .. import api, coherence, exitcodes
 
-    paths = _expand(devices, log)
-    if paths is None:
-        return False
-    with contextlib.ExitStack() as stack:
-        try:
-            targets = api.open_targets(paths, stack)
-        except (OSError, BlkcacheError) as exc:
-            log(_reason(exc))
-            return False
-        for target in targets:
-            try:
-                log(_coherence_line(coherence.check(target)))
-            except (OSError, BlkcacheError) as exc:
-                log(f"coherence check failed: {_reason(exc)}")
-        for target in targets:
-            try:
-                result = target.drop(expect_clean=True)
-            except (OSError, BlkcacheError) as exc:
-                log(_reason(exc))
-                return False
-            log(_drop_line(result))
-            if not result.complete:
-                log(f"{target.path}: pages remain cached after the drop")
-                return False
-    return True
+    def report_coherence(outcome):
+        log(_reason(outcome.error) if outcome.error is not None
+            else _coherence_line(outcome.result))
+
+    def report_drop(outcome):
+        if outcome.error is not None:
+            log(_reason(outcome.error))
+            return
+        log(_drop_line(outcome.result))
+        if not outcome.result.complete:
+            log(f"{outcome.path}: pages remain cached after the drop")
+
+    api.run(devices, coherence.check, recursive=True, report=report_coherence)
+    batch = api.run(devices, lambda target: target.drop(expect_clean=True),
+                    recursive=True, report=report_drop)
+    return batch.code == exitcodes.OK
 
 
 def main(argv, stdin=None, stderr=None):
