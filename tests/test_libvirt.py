@@ -40,7 +40,7 @@ TOOLS = {"virsh": "libvirt-clients", "libvirtd": "libvirt-daemon",
          "nsenter": "util-linux"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def libvirt_tools(loop_available):
     for tool, package in TOOLS.items():
         need_tool(tool, package)
@@ -50,16 +50,17 @@ def libvirt_tools(loop_available):
                 "libvirt-daemon-driver-qemu)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def daemons_dir(libvirt_tools):
     path = tempfile.mkdtemp(prefix="blkcache-libvirt-", dir="/var/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def daemon(daemons_dir):
-    """One libvirtd with the blkcache hook, shared by the tests of this file."""
+    """One libvirtd with the blkcache hook, shared by the tests of this file and
+    stopped after them."""
     d = libvirtd.Daemon(os.path.join(daemons_dir, "a"), f"blkcache-a-{os.getpid()}")
     try:
         d.start()
