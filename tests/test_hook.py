@@ -257,6 +257,14 @@ def test_install_writes_an_executable_root_owned_script_atomically(tmp_path):
     assert libvirt.uninstall(root=str(root)) == (path, True)
     assert libvirt.uninstall(root=str(root)) == (path, False)
     assert legacy.exists()
+    # An older blkcache hook there would run too: said; a FIFO there blocks nothing.
+    legacy.write_text("#!/bin/sh\nexec blkcache drop --expect-clean /dev/x\n")
+    _, notes = libvirt.install(root=str(root))
+    assert any("older blkcache hook: remove it" in note for note in notes), notes
+    legacy.unlink()
+    os.mkfifo(legacy)
+    _, notes = libvirt.install(root=str(root))
+    assert any("left untouched" in note and "older" not in note for note in notes), notes
 
 
 def test_install_warns_when_others_than_root_can_change_what_root_runs(tmp_path):

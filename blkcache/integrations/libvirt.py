@@ -308,11 +308,13 @@ def install(root="/", python=None):
 
 
 def _mentions_blkcache(path):
+    """Whether the regular file ``path`` mentions blkcache (never blocks on a FIFO)."""
     try:
-        with open(path, "rb") as f:
-            return b"blkcache" in f.read(1 << 16)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    with os.fdopen(fd, "rb") as f:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and b"blkcache" in f.read(1 << 16)
 
 
 def uninstall(root="/"):
