@@ -13,6 +13,7 @@ from blkcache.integrations import libvirt
 
 import cliproc
 import kernel
+from needs import missing
 
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -293,3 +294,40 @@ def test_cli_prints_the_hook_and_its_path():
     assert (code, out, err) == (0, "/etc/libvirt/hooks/qemu.d/blkcache\n", "")
     code, out, err = cliproc.run("hook", "--help")
     assert code == 0 and "--install" in out and "--uninstall" in out
+
+
+def test_cli_installs_and_uninstalls_the_hook(tmp_path):
+    """The real /etc/libvirt path, in a private mount namespace where it is a
+    scratch directory: nothing of the machine's /etc is touched."""
+    if not os.path.isdir("/etc/libvirt"):
+        missing("/etc/libvirt does not exist (apt-get install libvirt-daemon-system)")
+    etc = tmp_path / "etc-libvirt"
+    (etc / "hooks").mkdir(parents=True)
+    (etc / "hooks" / "qemu").write_text("#!/bin/sh\n")
+    blkcache = f"{sys.executable} -m blkcache hook libvirt"
+    script = f"""set -e
+mount --bind {etc} /etc/libvirt
+{blkcache} --install; echo "rc=$?"
+stat -c '%U:%G %a' /etc/libvirt/hooks/qemu.d/blkcache
+{blkcache} --uninstall; {blkcache} --uninstall
+mount -o remount,bind,ro /etc/libvirt
+{blkcache} --install || echo "rc=$?"
+"""
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, env=cliproc.env(), timeout=120)
+    hook = "/etc/libvirt/hooks/qemu.d/blkcache"
+    assert proc.stdout.splitlines() == [
+        f"installed {hook}",
+        "note: libvirtd reads its hooks when it starts: restart libvirtd (or virtqemud) "
+        "for this hook to run",
+        f"note: /etc/libvirt/hooks/qemu exists and was left untouched; libvirt runs it "
+        f"before {hook}",
+        "rc=0",
+        "root:root 755",
+        f"removed {hook}",
+        f"{hook}: not installed",
+        "rc=5"], proc.stdout + proc.stderr
+    assert cliproc.one_error_line(proc.stderr) == \
+        f"blkcache: {hook}: cannot write: Read-only file system"
+    assert (etc / "hooks" / "qemu").read_text() == "#!/bin/sh\n"
+    assert not (etc / "hooks" / "qemu.d" / "blkcache").exists()

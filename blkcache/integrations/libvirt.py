@@ -293,7 +293,7 @@ def install(root="/", python=None):
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        raise InstallError(f"{exc.filename or path}: {exc.strerror}") from exc
+        raise InstallError(f"{path}: cannot write: {exc.strerror}") from exc
     package = os.path.join(_package_parent(), "blkcache")
     notes = untrusted([os.path.realpath(python), package, os.path.dirname(package)])
     notes.append("libvirtd reads its hooks when it starts: restart libvirtd (or virtqemud) "
