@@ -96,10 +96,9 @@ def _end(proc, timeout=20):
 class Daemon:
     """libvirtd + virtlogd in a private namespace under ``root`` (a directory)."""
 
-    def __init__(self, root, hostname, hook=True):
+    def __init__(self, root, hostname):
         self.root = root
         self.hostname = hostname
-        self.hook = hook
         self.uuid = str(uuid.uuid4())
         self.uri = f"qemu+unix:///system?socket={root}/run/libvirt-sock"
         self.holder = self.virtlogd = self.libvirtd = None
@@ -141,15 +140,14 @@ class Daemon:
               or self.holder.poll() is not None, 30, "the namespace")
         if self.holder.poll() is not None:
             raise RuntimeError(f"namespace set-up failed ({self.holder.returncode})")
-        if self.hook:
-            # The real command, in the daemon's namespace: /etc/libvirt is ours there.
-            proc = self._nsenter(sys.executable, "-m", "blkcache", "hook", "libvirt",
-                                 "--install", stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=cliproc.env())
-            out, err = proc.communicate(timeout=60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"hook --install failed: {out}{err}")
-            self.install_output = out
+        # The real command, in the daemon's namespace: /etc/libvirt is ours there.
+        proc = self._nsenter(sys.executable, "-m", "blkcache", "hook", "libvirt",
+                             "--install", stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=cliproc.env())
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hook --install failed: {out}{err}")
+        self.install_output = out
         log = open(os.path.join(self.root, "daemons.out"), "ab")
         with log:
             self.virtlogd = self._nsenter("virtlogd", "-p", "/run/libvirt/virtlogd.pid",

@@ -131,6 +131,7 @@ def test_start_drops_what_was_cached_before(daemon, domains, loops):
     elapsed = time.monotonic() - started
     assert daemon.state(name) == "running"
     after = {dev: cached(fd) for dev, fd in fds.items()}
+    assert daemon.install_output.startswith(f"installed {libvirtd.HOOK}\n")
     assert after[disk] <= 0.01 * PLANTED, after          # gone: the hook dropped them
     assert after[control] >= 0.8 * before[control], after   # held the same way: kept
     # libvirt ran the hook on each start event, and logged what it said.
