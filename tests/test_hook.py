@@ -68,7 +68,7 @@ DOMAIN = """<domain type='qemu'>
 @pytest.fixture
 def installed(tmp_path):
     """The hook as --install writes it, under a scratch root."""
-    path, notes = libvirt.install(root=str(tmp_path / "root"))
+    path, _ = libvirt.install(root=str(tmp_path / "root"))
     return path
 
 
