@@ -211,6 +211,7 @@ print(ffi.compile(tmpdir=tmpdir))
 """
 
 
+@pytest.mark.loop    # runs loop-device tests in a child, as root
 def test_python_tests_on_a_sanitized_native_module(tmp_path):
     """test_api, test_large and test_faults with blkcache._native built with
     ASan+UBSan (the runtimes preloaded into Python), in a copy of the package."""
