@@ -5,7 +5,10 @@ done, one device's error is its own outcome, the codes combine."""
 import errno
 
 from blkcache import api, exitcodes
-from blkcache.errors import UsageError
+from blkcache.cli import render
+from blkcache.errors import MissingNodeError, UsageError
+
+from test_unit_stack import GHOST_MAJOR, Tree, a_block_node, ghost
 
 
 def files(tmp_path, *names):
@@ -66,3 +69,15 @@ def test_recursive_on_files_is_the_files(tmp_path):
     assert api.expand(paths) == paths
     batch = api.run(paths, lambda t: t.status(), recursive=True)
     assert [o.path for o in batch.outcomes] == paths and batch.code == exitcodes.OK
+
+
+def test_a_related_device_without_a_node_is_an_error_of_its_own(tmp_path):
+    path, rdev = a_block_node()
+    tree = Tree(tmp_path)
+    tree.add("top\x1b", rdev, slaves=["ghost1"])
+    tree.add("ghost1", ghost(1))
+    first, second = api.expand([path], sysfs=str(tmp_path))
+    assert first == path and isinstance(second, MissingNodeError)
+    assert exitcodes.for_error(second) == exitcodes.FAILURE
+    assert render.describe(second) == (f"ghost1 ({GHOST_MAJOR}:1, slave of top\\x1b): no "
+                                       "device node in /dev; not handled")
