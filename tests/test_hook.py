@@ -14,9 +14,7 @@ from blkcache.integrations import libvirt
 import cliproc
 import kernel
 from needs import missing
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 DOMAIN = """<domain type='qemu'>
   <name>guest1</name>
@@ -232,7 +230,8 @@ def test_hook_runs_its_own_blkcache_whatever_path_pythonpath_and_cwd(installed, 
     assert "dropped and verified" in proc.stderr
 
 
-def test_install_writes_an_executable_root_owned_script_atomically(tmp_path):
+def test_install_writes_an_executable_root_owned_script_atomically(tmp_path, loop_available):
+    """(loop_available: as root, like the loop tests; `-m "not loop"` runs as anyone.)"""
     root = tmp_path / "root"
     legacy = root / "etc/libvirt/hooks/qemu"
     legacy.parent.mkdir(parents=True)
@@ -268,7 +267,8 @@ def test_install_writes_an_executable_root_owned_script_atomically(tmp_path):
     assert any("left untouched" in note and "older" not in note for note in notes), notes
 
 
-def test_install_warns_when_others_than_root_can_change_what_root_runs(tmp_path):
+def test_install_warns_when_others_than_root_can_change_what_root_runs(tmp_path,
+                                                                        loop_available):
     python = tmp_path / "python3"
     python.write_text("")
     os.chown(python, 65534, 65534)
@@ -296,7 +296,7 @@ def test_cli_prints_the_hook_and_its_path():
     assert code == 0 and "--install" in out and "--uninstall" in out
 
 
-def test_cli_installs_and_uninstalls_the_hook(tmp_path):
+def test_cli_installs_and_uninstalls_the_hook(tmp_path, loop_available):
     """The real /etc/libvirt path, in a private mount namespace where it is a
     scratch directory: nothing of the machine's /etc is touched."""
     if not os.path.isdir("/etc/libvirt"):

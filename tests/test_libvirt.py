@@ -28,9 +28,8 @@ import libvirtd
 from libvirtd import block_disk, domain_xml
 from needs import missing, need_tool
 from test_recursive import add_partitions, wait_for
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 # The planted range: away from the boot sector and whatever SeaBIOS reads.
 OFF, LEN = 16 * MiB, 32 * MiB
 PLANTED = LEN // PAGE
