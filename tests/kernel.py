@@ -9,6 +9,8 @@ import mmap
 import os
 import subprocess
 
+import evict
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 NR_CACHESTAT = 451
@@ -43,6 +45,83 @@ def cached_pages(path, offset=0, length=0):
         return cachestat(fd, offset, length)["nr_cache"]
     finally:
         os.close(fd)
+
+
+def count(fd, offset=0, length=0, stress=None):
+    """The oracle's reading of fd's cached pages, then a strike of the eviction
+    stressor (tests/evict.py): the test's next step finds a few pages fewer, as
+    it may at any moment under proactive reclaim."""
+    pages = cachestat(fd, offset, length)["nr_cache"]
+    evict.strike(fd, cachestat, stress)
+    return pages
+
+
+def around(fd, measure, offset=0, length=0, stress=None):
+    """(before, measure(), after): the oracle's counts just before and just after.
+
+    A count blkcache reports in measure() lies between them (before >= it >=
+    after): pages may go at any moment, never come back unless read.  ``stress``
+    caps the pages the stressor evicts first (a scenario built on a few pages)."""
+    before = count(fd, offset, length, stress)
+    value = measure()
+    after = cachestat(fd, offset, length)["nr_cache"]
+    return before, value, after
+
+
+def between(before, reported, after, what="blkcache's count"):
+    """Assert before >= reported >= after (the oracle's readings around it)."""
+    assert before >= reported >= after, \
+        f"{what}: {reported} is not within the kernel's {before} (before) .. {after} (after)"
+
+
+def fill(fd, offset, length, tries=10):
+    """Read [offset, offset+length) buffered until every page of it is cached
+    (reclaim may take a page between the read and the check: read again); the
+    oracle's count of the range, taken right then."""
+    want = (length + PAGE - 1) // PAGE
+    for _ in range(tries):
+        read_buffered(fd, offset, length)
+        got = cachestat(fd, offset, length)["nr_cache"]
+        if got >= want:
+            return got
+    raise AssertionError(f"only {got} of {want} pages stay cached after {tries} reads")
+
+
+def steady(fd, want, setup, measure, offset=0, length=0, tries=5):
+    """measure() from a moment when the oracle saw exactly ``want`` cached
+    pages of fd (in the range) both just before and just after it: for checks of exact
+    output.  When reclaim (or the stressor) took a page, set up and try again."""
+    for attempt in range(tries):
+        setup()
+        if attempt == 0:
+            evict.strike(fd, cachestat)      # so that the retry is exercised too
+        if cachestat(fd, offset, length)["nr_cache"] == want:
+            value = measure()
+            if cachestat(fd, offset, length)["nr_cache"] == want:
+                return value
+    raise AssertionError(f"the kernel never kept {want} pages cached for a whole run")
+
+
+# A drop removes (nearly) every page of the range; reclaim takes a few percent
+# a minute.  "Not dropped" is judged with a margin between the two.
+KEPT = 0.5
+
+
+def not_dropped(fd, before, offset=0, length=0, what="nothing may be dropped"):
+    """Assert that most of the ``before`` cached pages are still there: a drop
+    (the wrong action) would have left (nearly) none; reclaim cannot take half."""
+    assert before >= 64, f"the test needs pages cached to mean anything (only {before})"
+    now = cachestat(fd, offset, length)["nr_cache"]
+    assert now >= before * KEPT, f"{what}: {before} pages cached before, {now} now"
+    return now
+
+
+def reported_before_drop(before, reported, what="the count before the drop"):
+    """Assert a count blkcache took just before dropping lies between the
+    oracle's reading ``before`` (pages only go) and what reclaim could have
+    left of it by then (the drop itself leaves no later reading to bound it)."""
+    assert before >= reported >= before * KEPT, \
+        f"{what}: {reported}, the kernel had {before} cached just before"
 
 
 def dirty_pages(path):

@@ -20,6 +20,7 @@ from blkcache import api
 
 import cliproc
 import kernel
+import needs
 
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -62,15 +63,18 @@ def node_dir(directory, mounts):
 
 @pytest.fixture
 def held(loopdev):
-    """The 64 MiB loop device with 4 MiB cached; yields a checker."""
+    """The 64 MiB loop device with 4 MiB cached; yields a checker.
+
+    ``unchanged()`` asserts that no drop happened: a drop empties the device,
+    reclaim (and the eviction stressor, tests/evict.py) take only a few pages.
+    """
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
-    kernel.read_buffered(loopdev.fd, 0, 4 * MiB)
-    time.sleep(0.05)
-    cached = kernel.cachestat(loopdev.fd)["nr_cache"]
-    assert cached >= 4 * MiB // PAGE
+    cached = kernel.fill(loopdev.fd, 0, 4 * MiB)
+    kernel.count(loopdev.fd)         # the stressor strikes between the steps
 
     def unchanged():
-        assert kernel.cachestat(loopdev.fd)["nr_cache"] == cached, "bad input changed state"
+        kernel.not_dropped(loopdev.fd, cached, what="bad input dropped pages")
+        kernel.count(loopdev.fd)
     loopdev.unchanged = unchanged
     return loopdev
 
@@ -471,23 +475,24 @@ def test_out_of_file_descriptors(held):
 def test_without_proc_the_type_check_still_holds(held, tmp_path):
     """Without /proc (no reopen through /proc/self/fd) blkcache reopens the
     path and requires the same inode; refused paths are still never opened."""
-    import shutil
     import subprocess
     import sys
 
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) not installed")
+    needs.need_tool("unshare", "util-linux")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     script = ('umount -l /proc && test ! -e /proc/self && '
               f'"{sys.executable}" -m blkcache status -b -n "$1"; echo "rc=$?"; '
               f'"{sys.executable}" -m blkcache verify "$2"; echo "rc=$?"')
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           script, "sh", held, str(fifo)], capture_output=True, text=True,
-                          env=cliproc.env(), timeout=60)
+
+    def unshared():
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script, "sh", held, str(fifo)], capture_output=True,
+                              text=True, env=cliproc.env(), timeout=60)
+    before, proc, after = kernel.around(held.fd, unshared)
     lines = proc.stdout.splitlines()
     assert lines[-1] == "rc=2" and lines[-2] == "rc=0", (proc.stdout, proc.stderr)
-    assert lines[0].split()[1] == str(kernel.cachestat(held.fd)["nr_cache"])
+    kernel.between(before, int(lines[0].split()[1]), after)
     assert "(a FIFO)" in cliproc.one_error_line(proc.stderr)
     held.unchanged()
 

@@ -1,0 +1,74 @@
+"""A test-only stand-in for proactive reclaim: evict a few random cached pages.
+
+The machines this suite runs on page out cache at any moment (DAMON
+``pageout``, memory cgroups, balloon drivers), even pages read 50 ms
+earlier.  A count-sensitive test must hold then: a count blkcache reports is
+bounded by the oracle's readings before and after it, and "nothing changed"
+is judged with margins reclaim cannot reach.  To exercise that on every run,
+not only when the reclaimer happens to strike, the oracle (tests/kernel.py)
+calls :func:`strike` between the steps of such tests: it drops a few random
+clean cached pages of the file, one page at a time, with
+``posix_fadvise(DONTNEED)`` on a descriptor of its own.
+
+BLKCACHE_TEST_EVICT=N evicts N pages per strike (default 2: cheap, and still
+enough to break an exact comparison); 0 turns it off.  Dirty pages and pages
+under write-back are never chosen: DONTNEED would start their write-back,
+which reclaim does not do to a test's pages at once.
+"""
+
+import os
+import random
+
+PAGES = int(os.environ.get("BLKCACHE_TEST_EVICT", "2"))
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_rng = random.Random()
+evicted = 0          # pages evicted so far in this process (for the tests' reports)
+
+
+def _cached_page(fd, stat, size):
+    """A random page of fd that is cached, clean and not under write-back, or None.
+
+    Descends by halves, weighting each half by its cached pages: about 2 log2(pages)
+    cachestat calls, cheap even on a 1 TiB device.
+    """
+    lo, hi = 0, (size + PAGE - 1) // PAGE
+    count = stat(fd, 0, hi * PAGE)["nr_cache"]
+    while count and hi - lo > 1:
+        mid = (lo + hi) // 2
+        left = stat(fd, lo * PAGE, (mid - lo) * PAGE)["nr_cache"]
+        if _rng.randrange(count) < left:
+            hi, count = mid, left
+        else:
+            lo, count = mid, count - left
+    if not count:
+        return None
+    page = stat(fd, lo * PAGE, PAGE)
+    if page["nr_cache"] != 1 or page["nr_dirty"] or page["nr_writeback"]:
+        return None
+    return lo
+
+
+def strike(fd, stat, pages=None):
+    """Evict up to ``pages`` (at most BLKCACHE_TEST_EVICT, the default) random
+    clean cached pages of the file open as fd; the number evicted."""
+    global evicted
+    pages = PAGES if pages is None else min(pages, PAGES)
+    if pages <= 0:
+        return 0
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return 0               # not reopenable (a socket, an O_PATH fd...): no stress
+    done = 0
+    try:
+        size = os.lseek(own, 0, os.SEEK_END)
+        for _ in range(pages):
+            page = _cached_page(own, stat, size)
+            if page is None:
+                break
+            os.posix_fadvise(own, page * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
+            done += 1
+    finally:
+        os.close(own)
+    evicted += done
+    return done
