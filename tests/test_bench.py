@@ -62,10 +62,17 @@ def test_quick_run_writes_every_row(loop_available, tmp_path):
     assert not os.path.exists(report["notes"]["workdir"])
 
 
+def default_sigint():
+    """In the child: SIGINT as Ctrl-C delivers it, even when this run inherited
+    it ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_detaches_everything(loop_available, tmp_path):
     proc = subprocess.Popen([sys.executable, BENCH, "--quick", "--json",
                              str(tmp_path / "bench.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     workdir = None
     try:
         for line in proc.stderr:

@@ -27,10 +27,17 @@ def blkcache_cli(*args, timeout=60):
     return subprocess.CompletedProcess(args, code, out, err)
 
 
+def default_sigint():
+    """In the child: SIGINT as Ctrl-C delivers it, even when this run inherited
+    it ignored (a background job of a non-interactive shell); else Python leaves
+    it ignored and the child never sees the signal the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_watch(*args):
     return subprocess.Popen([sys.executable, "-m", "blkcache", "watch", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cliproc.env())
+                            env=cliproc.env(), preexec_fn=default_sigint)
 
 
 @pytest.fixture
