@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import evict  # noqa: E402
 import kernel  # noqa: E402
 
 REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
@@ -140,3 +141,10 @@ def _neutral_cwd(tmp_path, monkeypatch):
 def _private_state_dir(tmp_path, monkeypatch):
     """Failed write-backs are recorded under BLKCACHE_STATE_DIR, not /run."""
     monkeypatch.setenv("BLKCACHE_STATE_DIR", str(tmp_path / "state"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say what the eviction stressor (tests/evict.py) did in this run."""
+    if evict.PAGES:
+        terminalreporter.write_line(f"eviction stressor: {evict.evicted} cached pages evicted "
+                                    f"(BLKCACHE_TEST_EVICT={evict.PAGES})")
