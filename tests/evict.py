@@ -18,11 +18,25 @@ which reclaim does not do to a test's pages at once.
 
 import os
 import random
+import stat
 
 PAGES = int(os.environ.get("BLKCACHE_TEST_EVICT", "2"))
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _rng = random.Random()
 evicted = 0          # pages evicted so far in this process (for the tests' reports)
+_by_file = {}        # the same, per file (see file_key)
+
+
+def file_key(fd):
+    """What shares one page cache: the block device, or the file's inode."""
+    st = os.fstat(fd)
+    return ("block", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev,
+                                                                   st.st_ino)
+
+
+def evicted_from(fd):
+    """Pages the stressor evicted so far from the file open as fd."""
+    return _by_file.get(file_key(fd), 0)
 
 
 def _cached_page(fd, stat, size):
@@ -71,4 +85,7 @@ def strike(fd, stat, pages=None):
     finally:
         os.close(own)
     evicted += done
+    if done:
+        key = file_key(fd)
+        _by_file[key] = _by_file.get(key, 0) + done
     return done

@@ -47,7 +47,7 @@ def test_second_drop_after_failed_writeback_is_refused(loops, tmp_path):
             assert code == 5 and "write-back failed" in err
             records = os.listdir(tmp_path / "state" / "writeback-failed")
             assert records == [record_name(device)]
-            cached = kernel.cachestat(wfd)["nr_cache"]
+            cached = kernel.Reading(wfd)
 
             # The operator runs it again: refused, nothing dropped.
             code, out, err = cliproc.run("drop", device)
@@ -110,13 +110,14 @@ def test_an_unrecordable_failure_says_so(loops, tmp_path, monkeypatch):
     with mounted("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs") as mnt:
         device, wfd = _failing_device(loops, mnt)
         try:
+            cached = kernel.Reading(wfd)
             code, out, err = cliproc.run("drop", device)
             line = cliproc.one_error_line(err)
             assert (code, out) == (5, "")
             assert "write-back failed" in line
             assert "the failure could not be recorded (" in line
             assert "do not drop this device again before the data is safe" in line
-            kernel.not_dropped(wfd, 16 * MiB // PAGE)
+            kernel.not_dropped(wfd, cached)
         finally:
             _release(loops, device, wfd)
 

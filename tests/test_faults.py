@@ -54,7 +54,7 @@ def test_failed_writeback_drops_nothing_and_says_how_many_pages_were_dirty(loops
             try:
                 pattern = b"\xa5" * (16 * MiB)
                 os.pwrite(wfd, pattern, 0)
-                before = kernel.cachestat(wfd)
+                before, cached = kernel.cachestat(wfd), kernel.Reading(wfd)
                 assert before["nr_dirty"] == 16 * MiB // PAGE, before
                 code, out, err = cliproc.run("drop", device)
                 line = cliproc.one_error_line(err)
@@ -66,7 +66,7 @@ def test_failed_writeback_drops_nothing_and_says_how_many_pages_were_dirty(loops
                 assert "nothing was dropped" in line
                 # The kernel marked them clean after EIO; they are the only copy
                 # of the data and must still be cached.
-                kernel.not_dropped(wfd, before["nr_cache"])
+                kernel.not_dropped(wfd, cached)
                 assert os.pread(wfd, MiB, 15 * MiB) == pattern[:MiB]
             finally:
                 os.close(wfd)
@@ -83,7 +83,7 @@ def test_failed_writeback_api_raises_writeback_error(loops):
             wfd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.pwrite(wfd, b"\x5a" * (8 * MiB), 32 * MiB)
-                dirty = kernel.cachestat(wfd)["nr_dirty"]
+                dirty, cached = kernel.cachestat(wfd)["nr_dirty"], kernel.Reading(wfd)
                 assert dirty == 8 * MiB // PAGE
                 with pytest.raises(blkcache.WritebackError) as info:
                     blkcache.drop(device, method="fadvise")
@@ -91,7 +91,7 @@ def test_failed_writeback_api_raises_writeback_error(loops):
                 assert info.value.errno in (errno.EIO, errno.ENOSPC)
                 assert info.value.filename == device
                 assert 0 < info.value.before.dirty <= dirty
-                kernel.not_dropped(wfd, dirty)
+                kernel.not_dropped(wfd, cached)
             finally:
                 os.close(wfd)
         finally:
