@@ -7,8 +7,9 @@ bounded by the oracle's readings before and after it, and "nothing changed"
 is judged with margins reclaim cannot reach.  To exercise that on every run,
 not only when the reclaimer happens to strike, the oracle (tests/kernel.py)
 calls :func:`strike` between the steps of such tests: it drops a few random
-clean cached pages of the file, one page at a time, with
-``posix_fadvise(DONTNEED)`` on a descriptor of its own.
+clean cached pages of the file, a page (with the rest of its folio, as
+reclaim does) at a time, with ``posix_fadvise(DONTNEED)`` on a descriptor of
+its own.
 
 BLKCACHE_TEST_EVICT=N evicts N pages per strike (default 2: cheap, and still
 enough to break an exact comparison); 0 turns it off.  Dirty pages and pages
@@ -62,9 +63,27 @@ def _cached_page(fd, stat, size):
     return lo
 
 
+def _evict(fd, stat, page):
+    """Evict the page (and, as reclaim does, the rest of its folio): DONTNEED on
+    the page, then on the aligned 2, 4 ... 512 pages around it until the page
+    is gone (DONTNEED skips a large folio it covers only in part).  Never a
+    span holding dirty pages or pages under write-back.  The pages evicted."""
+    for order in range(10):
+        span = 1 << order
+        first = page // span * span
+        before = stat(fd, first * PAGE, span * PAGE)
+        if before["nr_dirty"] or before["nr_writeback"]:
+            return 0
+        os.posix_fadvise(fd, first * PAGE, span * PAGE, os.POSIX_FADV_DONTNEED)
+        if not stat(fd, page * PAGE, PAGE)["nr_cache"]:
+            return before["nr_cache"] - stat(fd, first * PAGE, span * PAGE)["nr_cache"]
+    return 0
+
+
 def strike(fd, stat, pages=None):
-    """Evict up to ``pages`` (at most BLKCACHE_TEST_EVICT, the default) random
-    clean cached pages of the file open as fd; the number evicted."""
+    """Evict about ``pages`` (at most BLKCACHE_TEST_EVICT, the default) random
+    clean cached pages of the file open as fd (whole folios: a large one may
+    count for more); the number evicted."""
     global evicted
     pages = PAGES if pages is None else min(pages, PAGES)
     if pages <= 0:
@@ -76,12 +95,13 @@ def strike(fd, stat, pages=None):
     done = 0
     try:
         size = os.lseek(own, 0, os.SEEK_END)
-        for _ in range(pages):
+        for _ in range(2 * pages):          # a few tries more: a pick may be dirty
+            if done >= pages:
+                break
             page = _cached_page(own, stat, size)
             if page is None:
                 break
-            os.posix_fadvise(own, page * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
-            done += 1
+            done += _evict(own, stat, page)
     finally:
         os.close(own)
     evicted += done
