@@ -6,6 +6,7 @@ held loop device with cached pages keeps every one of them (raw cachestat).
 """
 
 import errno
+import functools
 import json
 import os
 import socket
@@ -198,7 +199,7 @@ def test_symlink_to_a_device_works_and_reports_the_real_device(tmp_path, held):
     os.symlink(link, chain)
     for path in (str(link), str(chain)):
         before, (code, out, err), after = kernel.around(
-            held.fd, lambda: cliproc.run("status", "--json", path))
+            held.fd, functools.partial(cliproc.run, "status", "--json", path))
         assert (code, err) == (0, "")
         record = json.loads(out)["devices"][0]
         assert record["path"] == path and record["device"] == held

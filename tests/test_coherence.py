@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from blkcache import api, coherence
-from blkcache.cli import Progress
+from blkcache.cli.output import Progress
 
 import cliproc
 import kernel

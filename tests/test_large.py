@@ -11,6 +11,7 @@ layer (struct fields and arguments are uint64_t, checked through cffi).
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -70,7 +71,8 @@ def test_one_tib_device_offsets_near_2_40(tib_device):
     # The last page, from a moment the kernel had it cached (else read it again).
     for offset, length in ((TiB - PAGE, PAGE), (TiB - 1, 1)):
         top = kernel.steady(fd, 1, lambda: read_page(fd, TiB - PAGE),
-                            lambda: blkcache.status(dev, offset, length), TiB - PAGE, PAGE)
+                            functools.partial(blkcache.status, dev, offset, length),
+                            TiB - PAGE, PAGE)
         assert top.cached == 1
     high, last_gib, low = kernel.around(
         fd, lambda: blkcache.status(dev, TiB - (1 << 30), interface="mincore"),
@@ -151,12 +153,14 @@ def test_exabyte_devices_offsets_near_2_63(loops, size):
                 continue
             top = kernel.steady(
                 fd, 1, lambda: read_page(fd, size - PAGE),
-                lambda: blkcache.status(dev, offset=size - 1, length=1, interface=interface),
+                functools.partial(blkcache.status, dev, offset=size - 1, length=1,
+                                  interface=interface),
                 size - 1, 1)
             assert top.offset == (size - 1) // PAGE * PAGE and top.pages == 1
             assert top.cached == 1, interface
             high, near, low = kernel.around(
-                fd, lambda: blkcache.status(dev, offset=size - 64 * MiB, interface=interface),
+                fd, functools.partial(blkcache.status, dev, offset=size - 64 * MiB,
+                                      interface=interface),
                 size - 64 * MiB)
             kernel.between(high, near.cached, low)
         for args in (["--offset", str(size)], ["--offset", str(MAX)],
