@@ -10,6 +10,7 @@ import pytest
 
 from blkcache import holders as holders_mod
 
+import cliproc
 import needs
 
 MiB = 1 << 20
@@ -51,8 +52,9 @@ def holder_process():
 
 
 def blkcache_cli(*args):
-    return subprocess.run([sys.executable, "-m", "blkcache", *args],
-                          capture_output=True, text=True, timeout=60)
+    """blkcache as a process (never a traceback: cliproc checks)."""
+    code, out, err = cliproc.run(*args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_process_with_fd_and_process_with_mapping(loops, holder_process):
