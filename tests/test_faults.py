@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -139,12 +140,19 @@ def test_detach_while_held_defers_and_nothing_hangs(loops):
         if detached:
             loops.devices.remove(device)
     # Gone: unbound, or (other test runs attach loop devices too) bound anew to
-    # something else.
-    try:
-        with open(sysfs(device, "loop", "backing_file")) as f:
-            assert f.read().strip() != image
-    except FileNotFoundError:
-        pass
+    # something else.  The kernel unbinds it from a work queue after the last
+    # close: give it a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(sysfs(device, "loop", "backing_file")) as f:
+                bound = f.read().strip()
+        except FileNotFoundError:
+            break
+        if bound != image:
+            break
+        assert time.monotonic() < deadline, f"{device} still bound to {image} after 10 s"
+        time.sleep(0.1)
 
 
 def test_shrunk_device_keeps_stale_pages_past_its_end_and_they_count(loops):
