@@ -10,11 +10,11 @@ import os
 import subprocess
 
 import evict
+from units import PAGE  # noqa: F401  (kernel.PAGE: the oracle's page size)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 NR_CACHESTAT = 451
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class _Range(ctypes.Structure):

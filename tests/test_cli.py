@@ -13,9 +13,7 @@ from blkcache.cli import cli
 
 import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def run(*args):

@@ -13,20 +13,12 @@ from blkcache.cli.output import Progress
 
 import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 # Pages the destination reads (and so caches), and pages the source rewrites.
 DEST_READS = [(0, 16), (1024, 16)]          # (first page, count)
 SOURCE_WRITES = [(3, 1), (5, 2), (1030, 1), (2000, 1)]   # 2000 is not cached there
 EXPECTED_STALE = ((3 * PAGE, PAGE), (5 * PAGE, 2 * PAGE), (1030 * PAGE, PAGE))
-
-
-def blkcache_cli(*args):
-    """blkcache as a process (never a traceback: cliproc checks)."""
-    code, out, err = cliproc.run(*args)
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def pages_of(ranges):
@@ -102,7 +94,7 @@ def test_two_hosts_stale_pages_found_exactly(two_hosts):
 def test_two_hosts_cli(two_hosts):
     _, dest, dest_fd, _ = two_hosts
     before, proc, after = kernel.around(
-        dest_fd, lambda: blkcache_cli("verify", "--coherence", dest), stress=1)
+        dest_fd, lambda: cliproc.completed("verify", "--coherence", dest), stress=1)
     assert (proc.returncode, proc.stderr) == (1, "")
     head, *rest = proc.stdout.splitlines()
     match = re.fullmatch(rf"{re.escape(dest)}: stale: (\d+) of (\d+) compared pages differ "
@@ -130,12 +122,12 @@ def test_two_hosts_cli(two_hosts):
             f"  stale offset {1030 * PAGE} length {PAGE} (1 pages, 4K)",
         ]
     # --quiet: the verdict in the exit status alone (1 is also a crash's code).
-    quiet = blkcache_cli("verify", "--coherence", "--quiet", dest)
+    quiet = cliproc.completed("verify", "--coherence", "--quiet", dest)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (1, "", "")
-    drop = blkcache_cli("drop", "--quiet", dest)
+    drop = cliproc.completed("drop", "--quiet", dest)
     assert (drop.returncode, drop.stdout, drop.stderr) == (0, "", "")
     assert kernel.cachestat(dest_fd)["nr_cache"] == 0
-    proc = blkcache_cli("verify", "--coherence", dest)
+    proc = cliproc.completed("verify", "--coherence", dest)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (f"{dest}: coherent: 0 cached pages match the device "
                            "(0 resident, 0 dirty and 0 evicted not compared)\n")
@@ -146,7 +138,7 @@ def test_json_lists_ranges(two_hosts):
 
     _, dest, dest_fd, _ = two_hosts
     before, proc, after = kernel.around(
-        dest_fd, lambda: blkcache_cli("verify", "--coherence", "--json", dest), stress=1)
+        dest_fd, lambda: cliproc.completed("verify", "--coherence", "--json", dest), stress=1)
     assert (proc.returncode, proc.stderr) == (1, "")
     (record,) = json.loads(proc.stdout)["devices"]
     assert record["verdict"] == "stale"
@@ -173,7 +165,7 @@ def test_dirty_pages_are_reported_apart_and_never_written(loops):
     assert after["nr_dirty"] == 1 and after["nr_cache"] <= before
     # Nothing reached the backing file: a direct read would have flushed it.
     assert kernel.read_direct(image, 10 * PAGE, PAGE) == bytes(PAGE)
-    proc = blkcache_cli("verify", "--coherence", dev)
+    proc = cliproc.completed("verify", "--coherence", dev)
     assert (proc.returncode, proc.stderr) == (4, "")
     assert f"  dirty offset {10 * PAGE} length {PAGE} (1 pages, 4K)" in proc.stdout
     assert kernel.cachestat(wfd)["nr_dirty"] == 1

@@ -13,9 +13,7 @@ import blkcache
 import cliproc
 import kernel
 from test_faults import _image_on, mounted
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def record_name(device):

@@ -19,9 +19,7 @@ import blkcache
 import cliproc
 import kernel
 import needs
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import kernel
 import needs
 from unprivileged import cached_loop, node_mode
 
-MiB = 1 << 20
 USAGE = "blkcache-flush: usage: blkcache-flush DEVICE | fd:N (exactly one argument)\n"
 
 

@@ -10,9 +10,8 @@ from blkcache.resmap import residency_map
 
 import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 EXPECTED = "[O" + " " * 9 + "o" + " " * 53 + "]"
 
 

@@ -5,7 +5,6 @@ import fcntl
 import json
 import os
 import struct
-import subprocess
 import time
 
 import pytest
@@ -14,9 +13,8 @@ from blkcache import stack
 
 import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SECTOR = 512
 # Two partitions: 1 MiB + 16 MiB, 17 MiB + 8 MiB, on a 32 MiB disk.
 PARTS = [(1 * MiB, 16 * MiB), (17 * MiB, 8 * MiB)]
@@ -87,12 +85,6 @@ def partitioned(loops):
     return disk, parts[0], parts[1]
 
 
-def blkcache_cli(*args):
-    """blkcache as a process (never a traceback: cliproc checks)."""
-    code, out, err = cliproc.run(*args)
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
 def test_expand_disk_and_partition(partitioned):
     disk, p1, p2 = partitioned
     name = os.path.basename(disk)
@@ -112,7 +104,7 @@ def test_status_and_drop_recursive(partitioned, loops):
         os.posix_fadvise(fds[dev], 0, 0, os.POSIX_FADV_RANDOM)
         kernel.fill(fds[dev], 0, length)
     before = {dev: kernel.count(fd, stress=1) for dev, fd in fds.items()}
-    out = blkcache_cli("status", "--recursive", "-n", "-b", disk)
+    out = cliproc.completed("status", "--recursive", "-n", "-b", disk)
     after = {dev: kernel.cachestat(fd)["nr_cache"] for dev, fd in fds.items()}
     assert (out.returncode, out.stderr) == (0, "")
     rows = [line.split() for line in out.stdout.splitlines()]
@@ -121,10 +113,10 @@ def test_status_and_drop_recursive(partitioned, loops):
     for row in rows:
         kernel.between(before[row[-1]], int(row[1]), after[row[-1]], row[-1])
     # Without --recursive: the disk only.
-    out = blkcache_cli("status", "-n", disk)
+    out = cliproc.completed("status", "-n", disk)
     assert (out.returncode, out.stderr, len(out.stdout.splitlines())) == (0, "", 1)
     before = {dev: kernel.cachestat(fd)["nr_cache"] for dev, fd in fds.items()}
-    out = blkcache_cli("drop", "--recursive", "--json", disk)
+    out = cliproc.completed("drop", "--recursive", "--json", disk)
     assert (out.returncode, out.stderr) == (0, "")
     results = json.loads(out.stdout)["devices"]
     assert [r["path"] for r in results] == [disk, p1, p2]
@@ -145,7 +137,7 @@ def test_write_through_partition_leaves_stale_disk_pages(partitioned, loops):
     os.fsync(p1_fd)
     stale_at = 1 * MiB + 2 * PAGE
     assert kernel.read_buffered(disk_fd, stale_at, 4) == bytes(4)   # stale, really
-    out = blkcache_cli("verify", "--coherence", "--recursive", "--json", p1)
+    out = cliproc.completed("verify", "--coherence", "--recursive", "--json", p1)
     # Reclaim may have taken the stale page since: then nothing is stale.
     still = kernel.cached_pages(disk, stale_at, PAGE)
     assert (out.returncode, out.stderr) == (1 if still else 0, "")
@@ -156,12 +148,12 @@ def test_write_through_partition_leaves_stale_disk_pages(partitioned, loops):
     if still:
         assert reports[disk]["stale_ranges"] == [[stale_at, PAGE]]
         assert reports[disk]["verdict"] == "stale"
-    out = blkcache_cli("drop", "--recursive", "-q", p1)
+    out = cliproc.completed("drop", "--recursive", "-q", p1)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
     assert kernel.cachestat(disk_fd)["nr_cache"] == 0
     assert kernel.read_buffered(disk_fd, stale_at, 4) == b"part"
     # The read above cached a page of the disk again: the disk's row says so.
-    before, out, after = kernel.around(disk_fd, lambda: blkcache_cli("verify", "--recursive",
+    before, out, after = kernel.around(disk_fd, lambda: cliproc.completed("verify", "--recursive",
                                                                      p1), stress=0)
     p1_row, disk_row = out.stdout.splitlines()
     assert p1_row == f"{p1}: clean: 0 of 4096 pages (0B) cached"

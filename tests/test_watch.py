@@ -15,16 +15,9 @@ from blkcache.watch import watch
 
 import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} +(\S+) +(\S+) +(\S+) +(\S+) (\S+)$")
-
-
-def blkcache_cli(*args, timeout=60):
-    """blkcache as a process (never a traceback: cliproc checks)."""
-    code, out, err = cliproc.run(*args, timeout=timeout)
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def default_sigint():
@@ -35,9 +28,7 @@ def default_sigint():
 
 
 def start_watch(*args):
-    return subprocess.Popen([sys.executable, "-m", "blkcache", "watch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cliproc.env(), preexec_fn=default_sigint)
+    return cliproc.start("watch", *args, preexec_fn=default_sigint)
 
 
 @pytest.fixture
@@ -55,7 +46,7 @@ def test_count_prints_only_changes(loopdev):
 
     def timed():
         start = time.monotonic()
-        out = blkcache_cli("watch", "--count", "3", "--interval", "0.1", loopdev)
+        out = cliproc.completed("watch", "--count", "3", "--interval", "0.1", loopdev)
         return out, time.monotonic() - start
     # A run during which the kernel kept the 4 pages (else read them again).
     out, took = kernel.steady(loopdev.fd, 4, lambda: kernel.fill(loopdev.fd, 0, 4 * PAGE),
@@ -67,7 +58,7 @@ def test_count_prints_only_changes(loopdev):
     assert len(lines) == 2                        # nothing changed: one sample line
     assert LINE.match(lines[1]).groups() == ("16K", "4", "0", "0", loopdev)
     before, out, after = kernel.around(
-        loopdev.fd, lambda: blkcache_cli("watch", "--count", "1", "-b", "-n", loopdev))
+        loopdev.fd, lambda: cliproc.completed("watch", "--count", "1", "-b", "-n", loopdev))
     assert (out.returncode, out.stderr) == (0, "")
     res, pages, dirty, writeback, device = LINE.match(out.stdout.strip()).groups()
     kernel.between(before, int(pages), after)
@@ -131,7 +122,7 @@ def test_until_empty_follows_a_drop(loopdev, watchers):
 def test_until_empty_times_out_with_exit_1(loopdev):
     kernel.fill(loopdev.fd, 0, 64 * PAGE)
     start = time.monotonic()
-    out = blkcache_cli("watch", "--until-empty", "--timeout", "0.5", "--interval", "0.1",
+    out = cliproc.completed("watch", "--until-empty", "--timeout", "0.5", "--interval", "0.1",
                        "-n", loopdev)
     assert (out.returncode, out.stderr) == (1, "")
     assert 0.3 < time.monotonic() - start < 10
@@ -152,10 +143,10 @@ def test_signal_stops_cleanly(loopdev, watchers, sig):
 
 
 def test_bad_device_and_options(tmp_path):
-    out = blkcache_cli("watch", str(tmp_path / "missing"))
+    out = cliproc.completed("watch", str(tmp_path / "missing"))
     assert (out.returncode, out.stdout) == (2, "")
     assert "missing" in cliproc.one_error_line(out.stderr)
-    out = blkcache_cli("watch", "--interval", "0", "/dev/null")
+    out = cliproc.completed("watch", "--interval", "0", "/dev/null")
     assert (out.returncode, out.stdout) == (2, "")
     cliproc.one_error_line(out.stderr)
 
