@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/syscall.h>
@@ -420,12 +421,46 @@ out:
     return rc;
 }
 
-int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
-                           void *buf, unsigned char *vec)
+static uint64_t major_faults(void)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return 0;
+    return (uint64_t)ru.ru_majflt;
+}
+
+/* Compare the wanted pages of one group (vec: their residency, just taken). */
+static void compare_group(const unsigned char *map, const unsigned char *disk,
+                          uint64_t first, uint64_t count, uint64_t disk_valid,
+                          const unsigned char *vec, unsigned char *result)
 {
     const uint64_t ps = page_size();
-    uint64_t pages, i;
-    unsigned char one;
+    uint64_t i, at, n;
+
+    for (i = 0; i < count; i++) {
+        unsigned char *res = result + first + i;
+
+        if (*res != BLKCACHE_PAGE_WANTED)
+            continue;
+        if (!(vec[i] & 1)) {
+            *res = BLKCACHE_PAGE_GONE;
+            continue;
+        }
+        at = (first + i) * ps;
+        n = disk_valid - at < ps ? disk_valid - at : ps;
+        *res = memcmp(map + at, disk + at, (size_t)n) == 0
+               ? BLKCACHE_PAGE_SAME : BLKCACHE_PAGE_DIFFERS;
+    }
+}
+
+int blkcache_compare_resident(int fd, uint64_t offset, uint64_t length,
+                              const void *disk, uint64_t disk_valid,
+                              unsigned char *result, uint64_t *faults)
+{
+    const uint64_t ps = page_size();
+    unsigned char vec[BLKCACHE_COMPARE_GROUP];
+    uint64_t pages, first, count, i, before;
     unsigned char *map;
     size_t maplen;
     int err = 0;
@@ -433,6 +468,12 @@ int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
     if (!window_ok(fd, offset, length))
         return -1;
     pages = (length + ps - 1) / ps;
+    for (i = 0; i < pages; i++) {
+        if (result[i] == BLKCACHE_PAGE_WANTED && i * ps >= disk_valid) {
+            errno = EINVAL;
+            return -1;
+        }
+    }
     maplen = (size_t)(pages * ps);
     map = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)offset);
     if (map == MAP_FAILED)
@@ -442,15 +483,21 @@ int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
         err = errno;
         goto out;
     }
-    for (i = 0; i < pages; i++) {
-        if (mincore(map + i * ps, (size_t)ps, &one) != 0) {
+    before = major_faults();
+    for (first = 0; first < pages; first += count) {
+        count = pages - first < BLKCACHE_COMPARE_GROUP
+                ? pages - first : BLKCACHE_COMPARE_GROUP;
+        for (i = 0; i < count && result[first + i] != BLKCACHE_PAGE_WANTED; i++)
+            ;
+        if (i == count)
+            continue;       /* nothing wanted here: not even mincore */
+        if (mincore(map + first * ps, (size_t)(count * ps), vec) != 0) {
             err = errno;
             goto out;
         }
-        vec[i] = one & 1;
-        if (vec[i])
-            memcpy((unsigned char *)buf + i * ps, map + i * ps, (size_t)ps);
+        compare_group(map, disk, first, count, disk_valid, vec, result);
     }
+    *faults = major_faults() - before;
 out:
     munmap(map, maplen);
     if (err) {
