@@ -129,3 +129,30 @@ struct blkcache_info {
 };
 
 int blkcache_fd_info(int fd, struct blkcache_info *info);
+
+/*
+ * Holders of a block device: processes with a descriptor on it or a mapping
+ * of it, found under proc (normally "/proc").
+ *
+ * A descriptor is a /proc/PID/fd link whose target lies under /dev/ and
+ * which, stat()ed through the link, is block device rdev (targets elsewhere
+ * are not stat()ed, so that a hung network file system cannot hang the
+ * scan).  A mapping is a /proc/PID/maps line naming one of the nnodes
+ * device nodes (nodes[2*i] its st_dev, nodes[2*i+1] its st_ino), or a path
+ * under /dev/ that is block device rdev.  The descriptor skip_fd of process
+ * skip_pid is not listed.  Each holder is one record per descriptor, and
+ * one with fd -1 for a mapping, in pid order; more than max_out: ENOBUFS
+ * (*nout says how many were needed).  *unreadable counts the processes whose
+ * fds or maps the caller may not read (EACCES/EPERM): the list may be short.
+ * Processes that exit meanwhile are skipped.
+ */
+struct blkcache_holder {
+    int pid;
+    int fd;
+};
+
+int blkcache_scan_holders(const char *proc, uint64_t rdev,
+                          const uint64_t *nodes, unsigned int nnodes,
+                          int skip_pid, int skip_fd,
+                          struct blkcache_holder *out, uint64_t max_out,
+                          uint64_t *nout, uint64_t *unreadable);
