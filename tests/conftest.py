@@ -3,16 +3,15 @@
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+from blkcache import loop
+from blkcache.errors import BlkcacheError
 
-import kernel  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
 
 REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
 MiB = 1 << 20
@@ -45,16 +44,6 @@ def scratch_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def detach(device):
-    """Detach a loop device we attached; retry while it is briefly busy."""
-    for _ in range(50):
-        proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
-        if proc.returncode == 0 or "No such device" in proc.stderr:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"could not detach {device}: {proc.stderr.strip()}")
-
-
 class Loops:
     """Attach loop devices and hold them open; undo all of it at the end."""
 
@@ -74,9 +63,7 @@ class Loops:
     def attach(self, backing=None, size=64 * MiB, read_only=False, partscan=False):
         if backing is None:
             backing = self.image(size)
-        args = ["--find", "--show"] + (["--read-only"] if read_only else []) + \
-               (["--partscan"] if partscan else [])
-        device = kernel.losetup(*args, backing)
+        device = loop.attach(backing, read_only=read_only, partscan=partscan)
         self.devices.append(device)
         return device
 
@@ -94,8 +81,8 @@ class Loops:
         errors = []
         for device in reversed(self.devices):
             try:
-                detach(device)
-            except RuntimeError as exc:
+                loop.detach(device)
+            except BlkcacheError as exc:
                 errors.append(str(exc))
         self.devices.clear()
         if errors:
