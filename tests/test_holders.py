@@ -9,10 +9,11 @@ import sys
 import tempfile
 
 import pytest
-import unprivileged
-from unprivileged import nobody  # noqa: F401
 
 from blkcache import holders as holders_mod
+
+import unprivileged
+from unprivileged import nobody  # noqa: F401
 
 MiB = 1 << 20
 
