@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Optional
 
 from . import caps, failures, safeopen, sizes
@@ -20,12 +20,12 @@ from .errors import (
     DirtyPagesError,
     InvalidRangeError,
     MethodUnavailableError,
-    UnsupportedFileError,
     UsageError,
     WritebackError,
     WritebackFailedBefore,
     from_errno,
 )
+from .record import Record, record
 from .sizes import format_size, parse_size
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -54,22 +54,6 @@ UNKNOWN_REASON = ("the kernel does not report the page cache of this device to t
                   "user (needs write access, ownership of the node or CAP_FOWNER)")
 
 
-def _opened_path(fd, path):
-    """The canonical path of what fd refers to: realpath(path), in one syscall.
-
-    /proc/self/fd/N names what was actually opened; without /proc (or for a
-    deleted file) fall back to os.path.realpath, which costs a stat per
-    path component.
-    """
-    try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        link = ""
-    if link.startswith("/") and not link.endswith(" (deleted)"):
-        return link
-    return os.path.realpath(path)
-
-
 def _privilege():
     """blkcache.privilege, imported when a drop needs it (it costs start-up:
     subprocess), not for status, verify or a drop with CAP_SYS_ADMIN."""
@@ -82,8 +66,8 @@ def _raise_errno(path):
     raise from_errno(ffi.errno, path)
 
 
-@dataclass(frozen=True)
-class CacheState:
+@record
+class CacheState(Record):
     """Page-cache state of a byte range of a device or file.
 
     ``cached``, ``dirty``, ``writeback``, ``evicted`` and ``recently_evicted``
@@ -113,6 +97,15 @@ class CacheState:
     #: None where mincore(2) answered, which cannot see past the end.
     beyond_end: Optional[int] = 0
 
+    def __init__(self, path, device, kind, size, page_size, offset, length, pages, cached,
+                 dirty, writeback, evicted, recently_evicted, interface, exact, reason=None,
+                 beyond_end=0):
+        self.__dict__.update(
+            path=path, device=device, kind=kind, size=size, page_size=page_size,
+            offset=offset, length=length, pages=pages, cached=cached, dirty=dirty,
+            writeback=writeback, evicted=evicted, recently_evicted=recently_evicted,
+            interface=interface, exact=exact, reason=reason, beyond_end=beyond_end)
+
     @property
     def cached_bytes(self):
         return None if self.cached is None else self.cached * self.page_size
@@ -128,12 +121,8 @@ class CacheState:
         return data
 
 
-_new_object = object.__new__
-_STATE_FIELDS = tuple(f.name for f in fields(CacheState))
-
-
-@dataclass(frozen=True)
-class DropResult:
+@record
+class DropResult(Record):
     """What drop() did: the method used, the states before and after."""
 
     path: str
@@ -144,6 +133,10 @@ class DropResult:
     after: CacheState
     #: Set when auto had to fall back to posix_fadvise on a whole block device.
     warning: Optional[str] = None
+
+    def __init__(self, path, device, method, attempts, before, after, warning=None):
+        self.__dict__.update(path=path, device=device, method=method, attempts=attempts,
+                             before=before, after=after, warning=warning)
 
     @property
     def remaining(self):
@@ -169,12 +162,15 @@ class DropResult:
                 "warning": self.warning}
 
 
-@dataclass(frozen=True)
-class Verification:
+@record
+class Verification(Record):
     """verify(): "clean", "resident" or "unknown", with the state behind it."""
 
     verdict: str
     state: CacheState
+
+    def __init__(self, verdict, state):
+        self.__dict__.update(verdict=verdict, state=state)
 
     def to_dict(self):
         return {"verdict": self.verdict, **self.state.to_dict()}
@@ -219,24 +215,17 @@ class Target:
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         # Type-checked before anything is opened (see safeopen): a directory,
         # FIFO, socket or character device raises UnsupportedFileError.
-        self.fd = safeopen.open_checked(path, OPEN_FLAGS)
+        self.fd, st, self.device = safeopen.open_target(path, OPEN_FLAGS)
         try:
-            info = ffi.new("struct blkcache_info *")
-            if lib.blkcache_fd_info(self.fd, info) != 0:
-                _raise_errno(path)
-            mode = info.mode
-            if stat.S_ISBLK(mode):
+            if stat.S_ISBLK(st.st_mode):
                 self.kind = "block"
-                self.rdev = (info.rdev_major, info.rdev_minor)
-            elif stat.S_ISREG(mode):
-                self.kind = "file"
-                self.rdev = None
+                self.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                size = ffi.new("uint64_t *")
+                if lib.blkcache_device_size(self.fd, size) != 0:
+                    _raise_errno(path)
+                self.size = size[0]
             else:
-                raise UnsupportedFileError(
-                    f"not a block device or regular file ({safeopen.kind_name(mode)})",
-                    path)
-            self.size = info.size
-            self.device = _opened_path(self.fd, path)
+                self.kind, self.rdev, self.size = "file", None, max(st.st_size, 0)
         except BaseException:
             self.close()
             raise
@@ -297,14 +286,9 @@ class Target:
     def _state(self, rng, cached=None, dirty=None, writeback=None, evicted=None,
                recently_evicted=None, interface="none", exact=True, reason=None,
                beyond_end=0):
-        # CacheState(...) without the generated frozen __init__'s seventeen
-        # object.__setattr__ calls: the same object, in half the time.
-        state = _new_object(CacheState)
-        state.__dict__.update(zip(_STATE_FIELDS, (
-            self.path, self.device, self.kind, self.size, PAGE_SIZE, rng.offset,
-            rng.length, rng.pages, cached, dirty, writeback, evicted, recently_evicted,
-            interface, exact, reason, beyond_end)))
-        return state
+        return CacheState(self.path, self.device, self.kind, self.size, PAGE_SIZE, rng.offset,
+                          rng.length, rng.pages, cached, dirty, writeback, evicted,
+                          recently_evicted, interface, exact, reason, beyond_end)
 
     def _beyond_end(self, rng):
         """cachestat(2) of every page past rng, which reaches the end: a
