@@ -20,18 +20,23 @@ thousands of processes it is what the time goes to.
 import errno
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Tuple
 
+from .record import Record, record
 
-@dataclass(frozen=True)
-class ProcessHolder:
+
+@record
+class ProcessHolder(Record):
     """A process holding the device: open descriptors and/or mappings."""
 
     pid: int
     command: str
     fds: Tuple[int, ...] = ()
     mapped: bool = False
+
+    def __init__(self, pid, command, fds=(), mapped=False):
+        self.__dict__.update(pid=pid, command=command, fds=fds, mapped=mapped)
 
     def describe(self):
         what = []
@@ -42,29 +47,35 @@ class ProcessHolder:
         return f"process {self.pid} ({self.command}) {' '.join(what)}"
 
 
-@dataclass(frozen=True)
-class MountHolder:
+@record
+class MountHolder(Record):
     mount_point: str
     fstype: str
     mount_id: int
+
+    def __init__(self, mount_point, fstype, mount_id):
+        self.__dict__.update(mount_point=mount_point, fstype=fstype, mount_id=mount_id)
 
     def describe(self):
         return f"mount {self.mount_point} ({self.fstype})"
 
 
-@dataclass(frozen=True)
-class StackedHolder:
+@record
+class StackedHolder(Record):
     """A device stacked on this one (sysfs holders), e.g. dm-0."""
 
     name: str
     path: Optional[str]
 
+    def __init__(self, name, path):
+        self.__dict__.update(name=name, path=path)
+
     def describe(self):
         return f"holder {self.name}" + (f" ({self.path})" if self.path else "")
 
 
-@dataclass(frozen=True)
-class Holders:
+@record
+class Holders(Record):
     path: str
     rdev: Optional[Tuple[int, int]]
     processes: Tuple[ProcessHolder, ...]
@@ -72,6 +83,10 @@ class Holders:
     stacked: Tuple[StackedHolder, ...]
     #: pids whose fds/maps could not be read (permission): the list may be short.
     unreadable: int = 0
+
+    def __init__(self, path, rdev, processes, mounts, stacked, unreadable=0):
+        self.__dict__.update(path=path, rdev=rdev, processes=processes, mounts=mounts,
+                             stacked=stacked, unreadable=unreadable)
 
     @property
     def held(self):
