@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ._native import ffi, lib
-from .errors import from_errno
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+from . import native
+from .constants import PAGE_SIZE
+from .residency import UNKNOWN_REASON
+from .sizes import page_ceil
 
 #: Residency is mapped in windows of this many bytes (mincore vector: 32 KiB).
 WINDOW = 128 << 20
@@ -40,7 +40,7 @@ MAX_RANGES = 1024
 
 VERDICTS = ("coherent", "stale", "dirty", "unknown")
 
-_ALL_WANTED = bytes([lib.BLKCACHE_PAGE_WANTED]) * (CHUNK // PAGE_SIZE)
+_ALL_WANTED = bytes([native.PAGE_WANTED]) * (CHUNK // PAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -128,24 +128,13 @@ def resident_runs(target, offset, length, window=WINDOW):
     that window.  Memory is bounded by one window's vector.  Raises
     PermissionError (EPERM) when the kernel would not tell the truth.
     """
-    end = min(offset + length, -(-target.size // PAGE_SIZE) * PAGE_SIZE)
+    end = min(offset + length, page_ceil(target.size))
     pos = offset
     cap = window // PAGE_SIZE // 2 + 1
-    runs = ffi.new("uint64_t[]", 2 * cap)
-    nruns = ffi.new("uint64_t *")
     while pos < end:
         wlen = min(window, end - pos)
-        if lib.blkcache_resident_runs(target.fd, pos, wlen, runs, cap, nruns) != 0:
-            raise from_errno(ffi.errno, target.path)
-        yield pos, wlen, [(runs[2 * i], runs[2 * i + 1]) for i in range(nruns[0])]
+        yield pos, wlen, native.resident_runs(target.fd, pos, wlen, cap, target.path)
         pos += wlen
-
-
-def _cachestat(fd, offset, length, path):
-    st = ffi.new("struct blkcache_stat *")
-    if lib.blkcache_cachestat(fd, offset, length, st) != 0:
-        raise from_errno(ffi.errno, path)
-    return st
 
 
 def _split(offset, length, size):
@@ -268,13 +257,10 @@ class _Scan:
             raise
         # Page aligned, as O_DIRECT needs; a unit more for an unaligned start.
         self.buffers = [mmap.mmap(-1, CHUNK + 2 * self.unit) for _ in range(self.AHEAD + 2)]
-        self.buffers_c = [ffi.from_buffer(b) for b in self.buffers]
-        self.result = ffi.new("unsigned char[]", CHUNK // PAGE_SIZE)
-        self.faults = ffi.new("uint64_t *")
+        self.result = bytearray(CHUNK // PAGE_SIZE)
 
     def close(self):
-        for ptr, buf in zip(self.buffers_c, self.buffers):
-            ffi.release(ptr)
+        for buf in self.buffers:
             buf.close()
         for fd in (self.map_fd, self.direct_fd):
             os.close(fd)
@@ -282,13 +268,13 @@ class _Scan:
     def dirty_pages(self, offset, length):
         """Sorted page offsets in the range that are dirty or under write-back."""
         path = self.target.path
-        st = _cachestat(self.map_fd, offset, length, path)
-        if not (st.nr_dirty or st.nr_writeback):
+        _, dirty, writeback, _, _ = native.cachestat(self.map_fd, offset, length, path)
+        if not (dirty or writeback):
             return []
         out = []
         for page, _ in _split(offset, length, PAGE_SIZE):
-            one = _cachestat(self.map_fd, page, PAGE_SIZE, path)
-            if one.nr_dirty or one.nr_writeback:
+            _, dirty, writeback, _, _ = native.cachestat(self.map_fd, page, PAGE_SIZE, path)
+            if dirty or writeback:
                 out.append(page)
         return out
 
@@ -314,11 +300,11 @@ class _Scan:
         """
         size = self.target.size
         # Pages past the end of the device cannot be mapped: stop at its end.
-        length = min(length, -(-size // PAGE_SIZE) * PAGE_SIZE - offset)
+        length = min(length, page_ceil(size) - offset)
         unit = self.unit
         dirty = self.dirty_pages(offset, length)
         start = offset // unit * unit
-        stop = -(-(offset + length) // unit) * unit
+        stop = page_ceil(offset + length, unit)
         pieces, pos = [], start
         for du in sorted({p // unit * unit for p in dirty}):
             if du > pos:
@@ -342,26 +328,24 @@ class _Scan:
         if chunk.dirty or chunk.unread:
             self._mark(chunk, npages)
         else:
-            ffi.memmove(result, _ALL_WANTED, npages)
-        disk = self.buffers_c[chunk.buf] + (offset - chunk.start)
+            result[:npages] = _ALL_WANTED[:npages]
         valid = min(offset + length, self.target.size) - offset
-        if lib.blkcache_compare_resident(self.map_fd, offset, length, disk, valid,
-                                         result, self.faults) != 0:
-            raise from_errno(ffi.errno, self.target.path)
-        self.read_in += self.faults[0]
-        codes = ffi.buffer(result, npages)[:]
-        same = codes.count(lib.BLKCACHE_PAGE_SAME)
+        self.read_in += native.compare_resident(
+            self.map_fd, offset, length, self.buffers[chunk.buf], offset - chunk.start, valid,
+            result, self.target.path)
+        codes = bytes(result[:npages])
+        same = codes.count(native.PAGE_SAME)
         if same == npages:
             self.compared += same
             return
         candidates = []
         for i, code in enumerate(codes):
             page = offset + i * PAGE_SIZE
-            if code == lib.BLKCACHE_PAGE_SAME:
+            if code == native.PAGE_SAME:
                 self.compared += 1
-            elif code == lib.BLKCACHE_PAGE_GONE:
+            elif code == native.PAGE_GONE:
                 self.vanished.add(page, PAGE_SIZE)
-            elif code == lib.BLKCACHE_PAGE_DIFFERS:
+            elif code == native.PAGE_DIFFERS:
                 candidates.append(page)
         if not candidates:
             return
@@ -382,14 +366,14 @@ class _Scan:
             page = chunk.offset + i * PAGE_SIZE
             if page // unit * unit in dirty_units:
                 self.dirty.add(page, PAGE_SIZE)
-                self.result[i] = lib.BLKCACHE_PAGE_SKIP
+                self.result[i] = native.PAGE_SKIP
             elif any(lo <= page < hi or page < lo < page + PAGE_SIZE
                      for lo, hi in chunk.unread):
                 # The device ended early (shrunk?): cannot compare this page.
                 self.vanished.add(page, PAGE_SIZE)
-                self.result[i] = lib.BLKCACHE_PAGE_SKIP
+                self.result[i] = native.PAGE_SKIP
             else:
-                self.result[i] = lib.BLKCACHE_PAGE_WANTED
+                self.result[i] = native.PAGE_WANTED
 
     def chunk(self, offset, length):
         """Read and compare one run of at most CHUNK bytes."""
@@ -441,21 +425,17 @@ def check(target, offset=0, length=None, progress=None, rng=None):
         return Coherence(verdict="coherent", resident=0, **base)
     # Dirty pages are told by cachestat(2) only; without it, cannot tell.
     try:
-        _cachestat(target.fd, rng.offset, rng.length, target.path)
+        native.cachestat(target.fd, rng.offset, rng.length, target.path)
     except OSError as exc:
         if exc.errno == errno.ENOSYS:
             return unknown("the kernel has no cachestat(2) (Linux 6.5) to tell dirty "
                            "pages, which a direct read would write back")
         if exc.errno == errno.EPERM:
-            from .api import UNKNOWN_REASON
             return unknown(UNKNOWN_REASON)
         raise
     lbs = PAGE_SIZE
     if target.kind == "block":
-        out = ffi.new("unsigned int *")
-        if lib.blkcache_logical_block_size(target.fd, out) != 0:
-            raise from_errno(ffi.errno, target.path)
-        lbs = out[0] or 512
+        lbs = native.logical_block_size(target.fd, target.path) or 512
     try:
         scan = _Scan(target, lbs)
     except OSError as exc:
@@ -468,7 +448,6 @@ def check(target, offset=0, length=None, progress=None, rng=None):
         except PermissionError as exc:
             if exc.errno != errno.EPERM:
                 raise
-            from .api import UNKNOWN_REASON
             return unknown(UNKNOWN_REASON, logical_block_size=lbs)
     finally:
         scan.close()
@@ -490,7 +469,7 @@ def check(target, offset=0, length=None, progress=None, rng=None):
 
 def coherence(path, offset=0, length=None, progress=None):
     """Open ``path`` and run check() on it."""
-    from .api import Target
+    from .target import Target
 
     with Target(path) as target:
         return check(target, offset, length, progress)

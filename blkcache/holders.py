@@ -17,13 +17,13 @@ readlinkat, one read of each maps file, a thread per CPU up to four): with
 thousands of processes it is what the time goes to.
 """
 
-import errno
 import os
-import stat
 from dataclasses import asdict
 from typing import Optional, Tuple
 
+from . import native
 from .record import Record, record
+from .sysfs import dev_dir, dev_path, listdir, rdev_of
 
 
 @record
@@ -116,33 +116,21 @@ def process_holders(rdev, node_ids=(), proc="/proc", skip=()):
     pair to ignore.  Returns (holders, unreadable_pid_count).  The scan is the
     native blkcache_scan_holders (one pass over proc, a read of each maps file).
     """
-    from ._native import ffi, lib
-    from .errors import from_errno
-
     node_ids = list(node_ids)
-    nodes = ffi.new("uint64_t[]", [x for pair in node_ids for x in pair] or [0])
-    (skip_pid, skip_fd), = list(skip) or [(-1, -1)]
-    nout = ffi.new("uint64_t *")
-    unreadable = ffi.new("uint64_t *")
-    room = 64
-    while True:
-        out = ffi.new("struct blkcache_holder[]", room)
-        if lib.blkcache_scan_holders(os.fsencode(proc), rdev, nodes, len(node_ids),
-                                     skip_pid, skip_fd, out, room, nout, unreadable) == 0:
-            break
-        if ffi.errno != errno.ENOBUFS:
-            raise from_errno(ffi.errno, proc)
-        room = nout[0] + 64      # processes came meanwhile: room to spare
+    skip = list(skip) or [(-1, -1)]
+    if len(skip) > 1:
+        raise ValueError("skip: at most one (pid, fd) pair")
+    records, unreadable = native.scan_holders(proc, rdev, node_ids, skip[0], proc)
     found = {}
-    for i in range(nout[0]):
-        fds, mapped = found.setdefault(out[i].pid, ([], [False]))
-        if out[i].fd < 0:
+    for pid, fd in records:
+        fds, mapped = found.setdefault(pid, ([], [False]))
+        if fd < 0:
             mapped[0] = True
         else:
-            fds.append(out[i].fd)
+            fds.append(fd)
     holders = tuple(ProcessHolder(pid, _command(pid, proc), tuple(fds), mapped[0])
                     for pid, (fds, mapped) in found.items())
-    return holders, unreadable[0]
+    return holders, unreadable
 
 
 def _unescape(field):
@@ -172,43 +160,9 @@ def mount_holders(rdev, mountinfo="/proc/self/mountinfo"):
     return tuple(out)
 
 
-def dev_path(name, rdev=None):
-    """/dev/NAME if that node is the device (by st_rdev when known), else None."""
-    for candidate in (f"/dev/{name}", f"/dev/{name.replace('!', '/')}"):
-        try:
-            st = os.stat(candidate)
-        except OSError:
-            continue
-        if stat.S_ISBLK(st.st_mode) and (rdev is None or st.st_rdev == rdev):
-            return candidate
-    if rdev is not None:
-        candidate = f"/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-        try:
-            st = os.stat(candidate)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
-                return os.path.realpath(candidate)
-        except OSError:
-            pass
-    return None
-
-
-def _sysfs_rdev(name, sysfs="/sys"):
-    try:
-        with open(f"{sysfs}/class/block/{name}/dev", encoding="ascii") as f:
-            major, minor = f.read().strip().split(":")
-        return os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return None
-
-
 def stacked_holders(rdev, sysfs="/sys"):
-    base = f"{sysfs}/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders"
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return ()
-    return tuple(StackedHolder(name, dev_path(name, _sysfs_rdev(name, sysfs)))
-                 for name in names)
+    return tuple(StackedHolder(name, dev_path(name, rdev_of(name, sysfs)))
+                 for name in listdir(f"{dev_dir(rdev, sysfs)}/holders"))
 
 
 def holders_of(target):
@@ -232,5 +186,4 @@ def holders(path):
 
 
 __all__ = ["Holders", "ProcessHolder", "MountHolder", "StackedHolder", "holders",
-           "holders_of", "process_holders", "mount_holders", "stacked_holders",
-           "dev_path"]
+           "holders_of", "process_holders", "mount_holders", "stacked_holders"]

@@ -520,22 +520,6 @@ int blkcache_effective_caps(uint64_t *mask)
     return 0;
 }
 
-int blkcache_fd_info(int fd, struct blkcache_info *info)
-{
-    struct stat sb;
-
-    if (fstat(fd, &sb) != 0)
-        return -1;
-    memset(info, 0, sizeof(*info));
-    info->mode = (unsigned int)sb.st_mode;
-    if (S_ISBLK(sb.st_mode)) {
-        info->rdev_major = major(sb.st_rdev);
-        info->rdev_minor = minor(sb.st_rdev);
-        return blkcache_device_size(fd, &info->size);
-    }
-    info->size = sb.st_size > 0 ? (uint64_t)sb.st_size : 0;
-    return 0;
-}
 
 /* ---- holders: a scan of /proc ------------------------------------------ */
 

@@ -120,15 +120,6 @@ int blkcache_compare_resident(int fd, uint64_t offset, uint64_t length,
 /* capget(2): the effective capability set of the calling thread, a bit mask. */
 int blkcache_effective_caps(uint64_t *mask);
 
-/* What an fd refers to: fstat(2), plus BLKGETSIZE64 for a block device. */
-struct blkcache_info {
-    uint64_t size;              /* bytes: BLKGETSIZE64, or st_size of a file */
-    unsigned int mode;          /* st_mode */
-    unsigned int rdev_major;    /* device number of a block device, else 0 */
-    unsigned int rdev_minor;
-};
-
-int blkcache_fd_info(int fd, struct blkcache_info *info);
 
 /*
  * Holders of a block device: processes with a descriptor on it or a mapping

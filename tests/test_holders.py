@@ -13,7 +13,6 @@ import pytest
 from blkcache import holders as holders_mod
 
 import unprivileged
-from unprivileged import nobody  # noqa: F401
 
 MiB = 1 << 20
 
