@@ -3,7 +3,7 @@ retry.  The method is chosen by blkcache.privilege.choose_method."""
 
 import time
 
-from . import failures, native
+from . import caps, failures, native
 from .constants import DEFAULT_RETRIES
 from .errors import CannotTellError, DirtyPagesError, WritebackError, WritebackFailedBefore
 from .results import DropResult
@@ -20,9 +20,7 @@ def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES
             f"{failure.describe()}: its cached pages may be the only copy of that "
             "data; nothing was dropped (save what is needed, then drop with "
             "--discard-failed)", target.path, failure)
-    from .privilege import choose_method
-
-    method, warning = choose_method(target, method, rng)
+    method, warning = _choose_method(target, method, rng)
     before = target.status(rng=rng, interface=interface)
     if expect_clean:
         _refuse_dirty(target, before)
@@ -40,6 +38,19 @@ def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES
     if failure is not None:
         failures.clear(target.fd)
     return DropResult(target.path, target.device, method, attempts, before, after, warning)
+
+
+def _choose_method(target, method, rng):
+    """privilege.choose_method, without importing blkcache.privilege (shlex,
+    struct, its dataclasses: a millisecond of every drop's start-up) where
+    the answer is plain: auto on a whole block device with CAP_SYS_ADMIN is
+    ioctl (what privilege.auto_method() tries first)."""
+    if method == "auto" and target.kind == "block" and rng.whole(target.size) \
+            and caps.has_sys_admin():
+        return "ioctl", None
+    from .privilege import choose_method
+
+    return choose_method(target, method, rng)
 
 
 def _refuse_dirty(target, before):

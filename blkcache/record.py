@@ -43,11 +43,22 @@ class Record:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+class MutableRecord(Record):
+    """A Record whose fields may be assigned (an unhashable dataclass, as
+    ``@dataclass`` without ``frozen`` makes it)."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+    __hash__ = None
+
+
 def record(cls):
     """Make cls (a Record subclass with its own ``__init__``, which sets its
-    fields through ``self.__dict__``) a frozen dataclass."""
+    fields through ``self.__dict__``) a dataclass, frozen unless it is a
+    MutableRecord."""
     cls = dataclass(init=False, repr=False, eq=False)(cls)
     # Frozen in fact (Record's __setattr__/__delattr__): say so, as
     # dataclass(frozen=True) would, without its generated methods.
-    cls.__dataclass_params__.frozen = True
+    cls.__dataclass_params__.frozen = not issubclass(cls, MutableRecord)
     return cls
