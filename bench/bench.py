@@ -800,8 +800,9 @@ def print_table(results, out=sys.stdout):
 
 
 def growth(points):
-    """The exponent k of time ~ amount^k from the first to the last point, and a word."""
-    (a0, t0), (a1, t1) = points[0], points[-1]
+    """The exponent k of time ~ amount^k between the last two points (where a
+    fixed cost such as start-up weighs least), and a word for it."""
+    (a0, t0), (a1, t1) = points[-2], points[-1]
     if not (t0 and t1) or a1 == a0:
         return None, "-"
     k = math.log(t1 / t0) / math.log(a1 / a0)
@@ -820,8 +821,8 @@ def print_scaling(results, out=sys.stdout):
                 (s["amount"], r["blkcache"]["wall_median"]))
     if not ops:
         return
-    print("\nSCALING: median wall time; k: time grows as amount^k from the first to the "
-          "last column (0 flat, 1 linear)", file=out)
+    print("\nSCALING: median wall time; k: time grows as amount^k between the last two "
+          "columns (0 flat, 1 linear)", file=out)
     for unit in dict.fromkeys(u for u, _ in ops):
         table = [(op, pts) for (u, op), pts in ops.items() if u == unit]
         amounts = [a for a, _ in table[0][1]]
