@@ -6,15 +6,23 @@ import time
 from .errors import BlkcacheError
 
 
-def _losetup(*args):
+def _run(*args):
     try:
-        proc = subprocess.run(["losetup", *args], capture_output=True, text=True,
+        return subprocess.run(["losetup", *args], capture_output=True, text=True,
                               timeout=60, check=False)
     except FileNotFoundError:
         raise BlkcacheError("losetup(8) not found (util-linux)") from None
+
+
+def _failed(args, proc):
+    msg = proc.stderr.strip().splitlines()
+    return BlkcacheError(f"losetup {' '.join(args)}: {msg[-1] if msg else 'failed'}")
+
+
+def _losetup(*args):
+    proc = _run(*args)
     if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()
-        raise BlkcacheError(f"losetup {' '.join(args)}: {msg[-1] if msg else 'failed'}")
+        raise _failed(args, proc)
     return proc.stdout.strip()
 
 
@@ -39,18 +47,12 @@ def attach(backing, read_only=False, partscan=False, direct_io=False):
 
 
 def detach(device, tries=50, pause=0.1):
-    """Detach a loop device attached by attach().
-
-    Retried while the device is briefly busy (udev probing it after a
-    change); a device that is already gone is fine.
-    """
-    for attempt in range(tries):
-        try:
-            _losetup("--detach", device)
+    """Detach a loop device attached by attach(), retrying while it is briefly
+    busy (a file system just unmounted, a reader just gone); one that is
+    already detached is fine."""
+    for _ in range(tries):
+        proc = _run("--detach", device)
+        if proc.returncode == 0 or "No such device" in proc.stderr:
             return
-        except BlkcacheError as exc:
-            if "No such device" in str(exc):
-                return
-            if attempt == tries - 1:
-                raise
         time.sleep(pause)
+    raise _failed(("--detach", device), proc)

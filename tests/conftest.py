@@ -1,4 +1,9 @@
-"""Fixtures: real loop devices on sparse files, always detached."""
+"""Fixtures: real loop devices on sparse files, always detached.
+
+A test that uses a loop device (through any fixture that needs
+``loop_available``) is marked ``loop`` here: ``pytest -m "not loop"`` runs
+the rest, which needs neither root nor loop devices.
+"""
 
 import contextlib
 import os
@@ -13,10 +18,16 @@ from blkcache.errors import BlkcacheError
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from units import MiB  # noqa: E402
 from unprivileged import granted, nobody  # noqa: E402,F401  (fixtures for every module)
 
 REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
-MiB = 1 << 20
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "loop_available" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.loop)
 
 
 def _loop_problem():
@@ -65,7 +76,7 @@ class Loops:
     def attach(self, backing=None, size=64 * MiB, read_only=False, partscan=False):
         if backing is None:
             backing = self.image(size)
-        device = loop.attach(backing, read_only=read_only, partscan=partscan)
+        device = loop.attach(backing, read_only, partscan)
         self.devices.append(device)
         return device
 

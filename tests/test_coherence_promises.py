@@ -14,9 +14,7 @@ import os
 from blkcache import api, coherence
 
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def cached(fd, offset=0, length=0):
