@@ -21,10 +21,16 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED = ["startup", "startup-m", "status-16G", "status-16G-len1G", "status-mincore-16G",
             "status-16G-fincore", "flat-16G/1G", "drop-256M", "helper-256M",
-            "api-drop-256M", "api-status-256M", "api-status-empty"]
+            "api-drop-256M", "api-status-256M", "api-status-empty",
+            "coherence-64M", "coherence-64M-10pct", "holders-100"] + [
+            f"scale-{op}-{size}" for size in ("4M", "16M", "64M")
+            for op in ("status", "coherence", "drop")] + [
+            f"scale-holders-{count}" for count in (10, 50, 100)]
 # A row may be skipped only because a peer (or the C compiler) is missing.
 SKIP_REASONS = ("vmtouch not installed", "fincore", "helper", "blockdev not installed",
-                "no C compiler", "gcc failed")
+                "fuser not installed", "dd not installed", "no C compiler", "gcc failed")
+# Rows of the scaling table: blkcache alone, no peer.
+SCALE = {name for name in EXPECTED if name.startswith("scale-")}
 # Rows that need nothing but blkcache, the interpreter and losetup.
 ALWAYS = {"startup", "startup-m"}
 
@@ -62,13 +68,17 @@ def test_quick_run_writes_every_row(loop_available, tmp_path):
             assert any(reason in row["skipped"] for reason in SKIP_REASONS), row
             continue
         assert row["blkcache"]["wall_median"] > 0, row
+        if name in SCALE:
+            assert row["peer"] is None and row["scale"]["amount"] > 0, row
+            continue
         assert row["peer"]["wall_median"] > 0, row
         assert row["wall_ratio"] > 0, row
     # Child processes' peak RSS is measured (via the C launcher, when gcc is there).
     if "launcher" in report["notes"]["rss"]:
         assert 1024 < rows["startup"]["blkcache"]["rss_median_kib"] < 200 * 1024
-    # The table is printed, and nothing is left attached.
+    # The tables are printed, and nothing is left attached or running.
     assert "ROW" in proc.stdout and "startup" in proc.stdout
+    assert "SCALING" in proc.stdout and "verify --coherence" in proc.stdout
     assert bench_loops(report["notes"]["workdir"]) == []
     assert not os.path.exists(report["notes"]["workdir"])
 
