@@ -100,8 +100,7 @@ def domains(loops):
 def plant(fd, offset=OFF, length=LEN):
     """Read [offset, offset+length) into the page cache; the oracle's count."""
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    kernel.read_buffered(fd, offset, length)
-    return cached(fd, offset, length)
+    return kernel.fill(fd, offset, length)
 
 
 def cached(fd, offset=OFF, length=LEN):
