@@ -68,7 +68,8 @@ def error(message):
 
 def describe(exc):
     """One line for an exception raised by the API."""
-    from .errors import BlkcacheError, MethodUnavailableError, WritebackError
+    from .errors import (BlkcacheError, MethodUnavailableError, MissingDependencyError,
+                         WritebackError)
 
     path = getattr(exc, "path", None) if isinstance(exc, BlkcacheError) else exc.filename
     where = f"{display(path)}: " if path else ""
@@ -83,7 +84,7 @@ def describe(exc):
         return (f"{where}write-back failed: {exc.strerror}; {_count(dirty)} pages were dirty, "
                 f"{_count(still)} still dirty; nothing was dropped (the cached pages may "
                 f"be the only copy of that data; {later})")
-    if isinstance(exc, MethodUnavailableError):
+    if isinstance(exc, (MethodUnavailableError, MissingDependencyError)):
         return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):
         return f"{where}{exc.message}"
@@ -289,9 +290,18 @@ def cli():
 @click.option("-r", "--recursive", is_flag=True,
               help="Also each device's partitions and the devices below it (a partition's "
                    "disk, sysfs slaves), each on its own row.")
+@click.option("--prometheus", is_flag=True,
+              help="Print Prometheus metrics (text exposition format) of the whole "
+                   "devices instead of the table; needs prometheus_client "
+                   "(pip install 'blkcache[prometheus]').")
+@click.option("--textfile", type=click.Path(dir_okay=False, writable=False), default=None,
+              metavar="PATH",
+              help="Write the Prometheus metrics to PATH atomically (a temporary file in "
+                   "its directory, renamed over it) for node_exporter's textfile "
+                   "collector; PATH must end in .prom.  Implies --prometheus.")
 @output_options
 def status(devices, offset, length, interface, in_bytes, noheadings, holders, show_map,
-           recursive, as_json):
+           recursive, prometheus, textfile, as_json):
     """Show how much of each DEVICE is in the page cache.
 
     One row per device, like fincore(1): RES (bytes cached), PAGES (pages
@@ -304,6 +314,12 @@ def status(devices, offset, length, interface, in_bytes, noheadings, holders, sh
     see --holders.
     """
     from . import exitcodes
+
+    if prometheus or textfile:
+        return status_prometheus(devices, interface, recursive, textfile, {
+            "--offset": offset != 0, "--length": length is not None, "--bytes": in_bytes,
+            "--noheadings": noheadings, "--holders": holders, "--map": show_map,
+            "--json": as_json})
 
     def action(target):
         state = target.status(offset, length, interface)
@@ -837,6 +853,47 @@ def render_doctor(report):
         lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
         lines.append(f"  {report.setcap_command}")
     return "\n".join(lines)
+
+
+# ---- fleet: status --prometheus / --textfile (issue 13) ----
+
+
+def status_prometheus(devices, interface, recursive, textfile, others):
+    """status --prometheus: the metrics of blkcache.integrations.prometheus,
+    printed or written to ``textfile``; nothing is written on bad input."""
+    from . import exitcodes
+    from .errors import MissingDependencyError
+    from .integrations import prometheus
+
+    given = [name for name, used in others.items() if used]
+    if given:
+        raise click.UsageError(f"--prometheus reports whole devices as metrics: "
+                               f"{', '.join(given)} cannot go with it")
+    if textfile is not None and not textfile.endswith(".prom"):
+        raise click.UsageError(f"--textfile {display(textfile)}: node_exporter reads only "
+                               "files ending in .prom")
+    try:
+        prometheus.require()
+    except MissingDependencyError as exc:
+        error(describe(exc))
+        return exitcodes.for_error(exc)
+
+    def action(target):
+        reading = prometheus.read(target, interface=interface)
+        return reading, exitcodes.for_state(reading.state)
+
+    readings, code = run_targets(devices, action, recursive)
+    if not readings:
+        return code
+    if textfile is None:
+        click.echo(prometheus.exposition(readings), nl=False)
+        return code
+    try:
+        prometheus.write_textfile(textfile, readings)
+    except OSError as exc:
+        error(describe(exc))
+        return exitcodes.FAILURE
+    return code
 
 
 def main(args=None, prog_name="blkcache"):

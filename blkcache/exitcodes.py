@@ -14,7 +14,9 @@
       could not be compared
   5   failure: permission denied, I/O error, failed write-back (nothing
       dropped; also while an earlier one is on record, see
-      blkcache.failures), drop method unavailable, device gone
+      blkcache.failures), drop method unavailable, device gone,
+      an optional Python package missing (status --prometheus without
+      prometheus_client)
   32  several devices given and every one failed (5)
   64  several devices given and some failed (5)
 """
@@ -25,6 +27,7 @@ from .errors import (
     DirtyPagesError,
     NOT_FOUND_ERRNOS,
     MethodUnavailableError,
+    MissingDependencyError,
     WritebackFailedBefore,
 )
 
@@ -61,7 +64,8 @@ def for_error(exc):
         return DIRTY
     if isinstance(exc, CannotTellError):
         return UNKNOWN
-    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore)):
+    if isinstance(exc, (MethodUnavailableError, MissingDependencyError,
+                        WritebackFailedBefore)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE
