@@ -27,6 +27,7 @@ from blkcache import api
 import kernel
 from conftest import Device
 from needs import missing
+from unprivileged import nobody, node_mode  # noqa: F401
 
 pytestmark = pytest.mark.loop
 
@@ -95,6 +96,18 @@ def cache(loopdev, mib=8):
     return pages
 
 
+def dirty(loopdev, data):
+    """Write data at offset 0 through the page cache, unsynced: dirty pages
+    (the kernel's flusher writes them back after 30 s)."""
+    fd = os.open(loopdev, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+    assert kernel.dirty_pages(loopdev) > 0
+    return time.monotonic()
+
+
 def test_collection_docs_render_without_warning(ansible):
     """ansible-doc renders both modules with no warning; the documented
     options are the ones the API takes, with its defaults."""
@@ -146,23 +159,82 @@ def test_adhoc_check_mode_drop_and_idempotence(ansible, loopdev):
     assert dev["before"]["cached"] == 0 and dev["attempts"] == 0
 
 
-def test_adhoc_failures_change_nothing(ansible, loopdev, tmp_path):
-    """A bad device among good ones fails (rc 2) before any is dropped; a host
+def test_adhoc_failures_change_nothing(ansible, loops, tmp_path):
+    """A bad device among good ones fails (rc 2) and dirty pages on one device
+    under expect_clean fail (rc 4) before any device is dropped; a host
     without blkcache gets one clear message."""
-    cache(loopdev)
-    high = kernel.cached_pages(loopdev)
-    status, result = ansible.adhoc("page_cache", f"device={loopdev},/nonexistent/dev")
+    held = [loops.attach(size=64 * MiB) for _ in range(2)]
+    first, second = (Device(path, loops.hold(path)) for path in held)
+    cache(first)
+    cache(second)
+    high = kernel.cached_pages(first)
+    status, result = ansible.adhoc("page_cache", f"device={first},/nonexistent/dev")
     assert status == "FAILED!"
     assert result["rc"] == 2 and result["changed"] is False
     assert result["msg"] == "/nonexistent/dev: No such file or directory"
-    assert kernel.cached_pages(loopdev) >= high // 2, "a device was dropped"
+    assert kernel.cached_pages(first) >= high // 2, "a device was dropped"
+
+    written = dirty(second, b"x" * (16 << 10))
+    high = kernel.cached_pages(first)
+    status, result = ansible.adhoc("page_cache", f"device={first},{second} expect_clean=true")
+    assert status == "FAILED!" and result["rc"] == 4 and result["changed"] is False
+    assert re.fullmatch(rf"{second}: \d+ dirty and 0 writeback pages on a device expected "
+                        r"clean; nothing was flushed or dropped; no device was dropped",
+                        result["msg"]), result["msg"]
+    assert kernel.cached_pages(first) >= high // 2, "the clean device was dropped"
+    if time.monotonic() - written < 25:     # before the kernel's flusher (30 s)
+        assert kernel.dirty_pages(second) > 0
+    os.fsync(second.fd)
 
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
-    status, result = ansible.adhoc("page_cache_info", f"device={loopdev}",
+    status, result = ansible.adhoc("page_cache_info", f"device={first}",
                                    python=str(bare / "bin" / "python"))
     assert status == "FAILED!" and "rc" not in result
     assert result["msg"].startswith("Failed to import the required Python library (blkcache)")
+
+
+RUN_AS_NOBODY = r"""
+import json, sys
+from blkcache.integrations import ansible
+out = {}
+for name in sys.argv[2:]:
+    kwargs = {"info": {}, "verified": {"state": "verified"},
+              "expect_clean": {"expect_clean": True, "method": "fadvise"},
+              "dropped": {"method": "fadvise"}}[name]
+    try:
+        out[name] = (ansible.info if name == "info" else ansible.page_cache)(sys.argv[1], **kwargs)
+    except ansible.Failure as failure:
+        out[name] = dict(failure.to_dict(), failed=True)
+print(json.dumps(out))
+"""
+
+
+def test_unknown_fails_and_info_says_inexact(loopdev, nobody):  # noqa: F811
+    """What the modules run, as a user the kernel will not tell (a 0644 node):
+    info reports exact false; verified, expect_clean and dropped fail with
+    rc 3, and expect_clean drops nothing."""
+    cache(loopdev)
+    high = kernel.cached_pages(loopdev)
+    with node_mode(loopdev, 0o644):
+        proc = nobody.py(RUN_AS_NOBODY, loopdev, "info", "verified", "expect_clean")
+        assert proc.returncode == 0, proc.stderr
+        first = json.loads(proc.stdout)
+        assert kernel.cached_pages(loopdev) >= high // 2, "expect_clean dropped pages"
+        proc = nobody.py(RUN_AS_NOBODY, loopdev, "dropped")
+        assert proc.returncode == 0, proc.stderr
+        dropped = json.loads(proc.stdout)["dropped"]
+    (state,) = first["info"]["devices"]
+    assert first["info"]["changed"] is False and "failed" not in first["info"]
+    assert state["exact"] is False and state["cached"] is None and state["reason"]
+    for name in ("verified", "expect_clean"):
+        assert first[name]["failed"] and first[name]["rc"] == 3
+        assert first[name]["changed"] is False and first[name]["msg"].startswith(f"{loopdev}: ")
+    assert "unknown" in first["verified"]["msg"]
+    assert "nothing was flushed or dropped" in first["expect_clean"]["msg"]
+    assert dropped["failed"] and dropped["rc"] == 3 and dropped["changed"] is True
+    assert "cannot verify" in dropped["msg"]
+    assert kernel.cached_pages(loopdev) == 0     # fadvise did drop, as nobody
 
 
 PLAYBOOK = """\
@@ -196,18 +268,6 @@ PLAYBOOK = """\
         mode: "0600"
       check_mode: false
 """
-
-
-def dirty(loopdev, data):
-    """Write data at offset 0 through the page cache, unsynced: dirty pages
-    (the kernel's flusher writes them back after 30 s)."""
-    fd = os.open(loopdev, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, data, 0)
-    finally:
-        os.close(fd)
-    assert kernel.dirty_pages(loopdev) > 0
-    return time.monotonic()
 
 
 def backing_bytes(loopdev, length):
