@@ -68,8 +68,12 @@ def error(message):
 
 def describe(exc):
     """One line for an exception raised by the API."""
-    from .errors import (BlkcacheError, MethodUnavailableError, MissingDependencyError,
-                         WritebackError)
+    from .errors import (
+        BlkcacheError,
+        MethodUnavailableError,
+        MissingDependencyError,
+        WritebackError,
+    )
 
     path = getattr(exc, "path", None) if isinstance(exc, BlkcacheError) else exc.filename
     where = f"{display(path)}: " if path else ""

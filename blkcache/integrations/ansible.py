@@ -47,7 +47,7 @@ class Failure(Exception):
 
 
 def _describe(exc):
-    from ..cli import describe     # the command line's one-line messages
+    from ..cli import describe  # the command line's one-line messages
 
     return describe(exc)
 

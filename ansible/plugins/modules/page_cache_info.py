@@ -162,9 +162,9 @@ devices:
       type: str
 """
 
-import traceback
+import traceback  # noqa: E402
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
 try:
     from blkcache.integrations import ansible as blkcache_ansible
