@@ -11,6 +11,7 @@ Page counts are bounded by the kernel oracle (tests/kernel.py) read before
 and after each run: the page cache is reclaimed at any moment here.
 """
 
+import errno
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import time
 import pytest
 
 import blkcache
-from blkcache import api
+from blkcache import api, failures
 
 import kernel
 from conftest import Device
@@ -50,6 +51,7 @@ class Ansible:
                         ANSIBLE_LOCAL_TEMP=os.path.join(self.root, "tmp"),
                         ANSIBLE_REMOTE_TEMP=os.path.join(self.root, "remote-tmp"),
                         ANSIBLE_COLLECTIONS_PATH=os.path.join(self.root, "collections"),
+                        BLKCACHE_STATE_DIR=os.path.join(self.root, "state"),
                         LC_ALL="C.UTF-8")
 
     def run(self, tool, *args, timeout=300):
@@ -158,10 +160,11 @@ def test_adhoc_check_mode_drop_and_idempotence(ansible, loopdev):
     assert dev["before"]["cached"] == 0 and dev["attempts"] == 0
 
 
-def test_adhoc_failures_change_nothing(ansible, loops, tmp_path):
-    """A bad device among good ones fails (rc 2) and dirty pages on one device
-    under expect_clean fail (rc 4) before any device is dropped; a host
-    without blkcache gets one clear message."""
+def test_adhoc_failures_change_nothing(ansible, loops, tmp_path, monkeypatch):
+    """A bad device among good ones fails (rc 2), dirty pages on one device
+    under expect_clean (rc 4) and a failed write-back on record (rc 5) too,
+    before any device is dropped; a host without blkcache gets one clear
+    message."""
     held = [loops.attach(size=64 * MiB) for _ in range(2)]
     first, second = (Device(path, loops.hold(path)) for path in held)
     cache(first)
@@ -184,6 +187,17 @@ def test_adhoc_failures_change_nothing(ansible, loops, tmp_path):
     if time.monotonic() - written < 25:     # before the kernel's flusher (30 s)
         assert kernel.dirty_pages(second) > 0
     os.fsync(second.fd)
+
+    # A failed write-back on record for the second device (as drop records it).
+    monkeypatch.setenv("BLKCACHE_STATE_DIR", ansible.env["BLKCACHE_STATE_DIR"])
+    record = failures.record(second.fd, second, errno.EIO, 4)
+    high = {dev: kernel.cached_pages(dev) for dev in (first, second)}
+    status, result = ansible.adhoc("page_cache", f"device={first},{second}")
+    assert status == "FAILED!" and result["rc"] == 5 and result["changed"] is False
+    assert result["msg"].startswith(f"{second}: an earlier write-back of this device failed")
+    assert record in result["msg"] and result["msg"].endswith("no device was dropped")
+    assert all(kernel.cached_pages(dev) >= high[dev] // 2 for dev in high), "dropped"
+    os.unlink(record)
 
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)

@@ -6,6 +6,7 @@ started by the test on a free port and scraped over HTTP.  Values are
 bounded by the kernel oracle (tests/kernel.py) read before and after.
 """
 
+import errno
 import os
 import shutil
 import socket
@@ -92,6 +93,20 @@ def test_values_against_the_kernel(parser, loops):
         assert got["blkcache_page_cache_bytes", b, "dirty"] > 0
     finally:
         os.fsync(fb)
+
+
+def test_failure_on_record(parser, loopdev):
+    """blkcache_writeback_failure_recorded is 1 while a failed write-back of
+    the device is on record (as drop records it), 0 once it is cleared."""
+    from blkcache import failures
+
+    record = failures.record(loopdev.fd, loopdev, errno.EIO, 4)
+    code, out, err = run("status", "--prometheus", loopdev)
+    assert (code, err) == (0, "")
+    assert samples(parser, out)["blkcache_writeback_failure_recorded", loopdev, None] == 1
+    os.unlink(record)
+    code, out, err = run("status", "--prometheus", loopdev)
+    assert samples(parser, out)["blkcache_writeback_failure_recorded", loopdev, None] == 0
 
 
 def test_label_values_escaped(parser, loopdev, tmp_path):
