@@ -148,6 +148,11 @@ def test_textfile_replaced_atomically(parser, loopdev, tmp_path):
     assert one_error_line(err) == "blkcache: /nonexistent/dev: No such file or directory"
     assert os.stat(path).st_ino == inode and os.listdir(directory) == ["blkcache.prom"]
 
+    missing_dir = tmp_path / "nonexistent" / "blkcache.prom"
+    code, out, err = run("status", "--textfile", str(missing_dir), loopdev)
+    assert (code, out) == (5, "")
+    assert one_error_line(err) == f"blkcache: {missing_dir}: No such file or directory"
+
     code, out, err = run("status", "--textfile", str(directory / "blkcache.txt"), loopdev)
     assert (code, out) == (2, "") and ".prom" in one_error_line(err)
     code, out, err = run("status", "--prometheus", "--json", loopdev)

@@ -119,7 +119,11 @@ def exposition(readings):
 
 
 def write_textfile(path, readings):
-    """Write the exposition to path atomically (temporary file, then rename)."""
+    """Write the exposition to path atomically (temporary file, then rename);
+    an OSError names path, not the temporary file."""
     from prometheus_client import write_to_textfile
 
-    write_to_textfile(path, _registry(readings))
+    try:
+        write_to_textfile(path, _registry(readings))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from exc
