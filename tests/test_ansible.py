@@ -22,12 +22,12 @@ import time
 import pytest
 
 import blkcache
-from blkcache import api, failures
+from blkcache import constants, failures
 
 import kernel
 from conftest import Device
 from needs import missing
-from unprivileged import nobody, node_mode  # noqa: F401
+from unprivileged import node_mode
 
 pytestmark = pytest.mark.loop
 
@@ -128,8 +128,8 @@ def test_collection_docs_render_without_warning(ansible):
         assert data["examples"].strip()
     options = json.loads(ansible.run("ansible-doc", "--json", "blkcache.blkcache.page_cache")
                          .stdout)["blkcache.blkcache.page_cache"]["doc"]["options"]
-    assert options["retries"]["default"] == api.DEFAULT_RETRIES
-    assert options["method"]["choices"] == list(api.METHODS)
+    assert options["retries"]["default"] == constants.DEFAULT_RETRIES
+    assert options["method"]["choices"] == list(constants.METHODS)
 
 
 def test_adhoc_check_mode_drop_and_idempotence(ansible, loopdev):
@@ -223,7 +223,7 @@ print(json.dumps(out))
 """
 
 
-def test_unknown_fails_and_info_says_inexact(loopdev, nobody):  # noqa: F811
+def test_unknown_fails_and_info_says_inexact(loopdev, nobody):
     """What the modules run, as a user the kernel will not tell (a 0644 node):
     info reports exact false; verified, expect_clean and dropped fail with
     rc 3, and expect_clean drops nothing."""

@@ -20,7 +20,7 @@ import pytest
 import kernel
 from cliproc import env, one_error_line, run
 from needs import missing, need_tool
-from unprivileged import nobody, node_mode  # noqa: F401
+from unprivileged import node_mode
 
 pytestmark = pytest.mark.loop
 
@@ -172,7 +172,7 @@ def test_without_prometheus_client_says_how_to_get_it(loopdev):
         "(fix: pip install 'blkcache[prometheus]')")
 
 
-def test_unknown_is_exact_zero_without_counts(parser, loopdev, nobody):  # noqa: F811
+def test_unknown_is_exact_zero_without_counts(parser, loopdev, nobody):
     """A user the kernel will not tell: exact 0, no page-cache series (never
     a false 0), exit 3 as for status."""
     import prometheus_client

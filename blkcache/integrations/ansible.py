@@ -17,17 +17,11 @@ are cached.  Every failure carries one line and blkcache's exit code.
 
 import contextlib
 
-from .. import api, exitcodes, failures
-from ..errors import (
-    BlkcacheError,
-    CannotTellError,
-    DirtyPagesError,
-    UsageError,
-    WritebackFailedBefore,
-)
+from .. import api, dropping, exitcodes
+from ..constants import DEFAULT_RETRIES, MAX_RETRIES
+from ..errors import BlkcacheError, UsageError
 
 STATES = ("dropped", "verified")
-MAX_RETRIES = 20
 
 
 class Failure(Exception):
@@ -47,7 +41,7 @@ class Failure(Exception):
 
 
 def _describe(exc):
-    from ..cli import describe  # the command line's one-line messages
+    from ..cli.render import describe  # the command line's one-line messages
 
     return describe(exc)
 
@@ -82,7 +76,7 @@ def info(devices, offset=None, length=None):
 
 
 def page_cache(devices, state="dropped", expect_clean=False, method="auto", offset=None,
-               length=None, retries=api.DEFAULT_RETRIES, check_mode=False):
+               length=None, retries=DEFAULT_RETRIES, check_mode=False):
     """page_cache: drop (``state="dropped"``) or verify each device's cache."""
     with _failing():
         if state not in STATES:
@@ -93,8 +87,8 @@ def page_cache(devices, state="dropped", expect_clean=False, method="auto", offs
         opened = _open(devices, offset, length, stack)
         if state == "verified":
             return _finish(*_verify(opened, offset, length))
-        plans = _plan_drops(opened, method, expect_clean)
-        return _finish(*_drop(plans, offset, length, expect_clean, retries, check_mode))
+        plans = _check_drops(opened, method, expect_clean)
+        return _finish(*_drop(plans, expect_clean, retries, check_mode))
 
 
 def _finish(records, problems, codes):
@@ -125,48 +119,13 @@ def _verify(opened, offset, length):
     return records, problems, codes
 
 
-class _Plan:
-    """A device checked for a drop: the method to use and its state before."""
-
-    __slots__ = ("target", "method", "warning", "before")
-
-    def __init__(self, target, method, warning, before):
-        self.target = target
-        self.method = method
-        self.warning = warning
-        self.before = before
-
-
-def _check_drop(target, rng, method, expect_clean):
-    """A _Plan, or the API's exception for what stops a drop of this device."""
-    failure = failures.lookup(target.fd)
-    if failure is not None:
-        raise WritebackFailedBefore(
-            f"{failure.describe()}: its cached pages may be the only copy of that data; "
-            "nothing was dropped (save what is needed, then run "
-            "'blkcache drop --discard-failed')", target.path, failure)
-    chosen, warning = target.resolve_method(method, rng)
-    before = target.status(rng=rng)
-    if expect_clean:
-        if before.dirty is None or before.writeback is None:
-            raise CannotTellError(
-                "cannot tell whether pages are dirty "
-                f"({before.reason or 'mincore(2) does not report dirty pages'}); "
-                "nothing was flushed or dropped", target.path, before)
-        if before.dirty or before.writeback:
-            raise DirtyPagesError(
-                f"{before.dirty} dirty and {before.writeback} writeback pages on a device "
-                "expected clean; nothing was flushed or dropped", target.path, before)
-    return _Plan(target, chosen, warning, before)
-
-
-def _plan_drops(opened, method, expect_clean):
-    """A _Plan for every device, or one Failure naming every device that
-    cannot be dropped: then nothing is dropped."""
+def _check_drops(opened, method, expect_clean):
+    """[(target, range, dropping.Checked)] for every device, or one Failure
+    naming every device that cannot be dropped: then nothing is dropped."""
     plans, problems, codes = [], [], []
     for target, rng in opened:
         try:
-            plans.append(_check_drop(target, rng, method, expect_clean))
+            plans.append((target, rng, dropping.check(target, rng, method, expect_clean)))
         except (OSError, BlkcacheError) as exc:
             problems.append(_describe(exc))
             codes.append(exitcodes.for_error(exc))
@@ -176,41 +135,43 @@ def _plan_drops(opened, method, expect_clean):
     return plans
 
 
-def _record(plan, changed, after=None, attempts=0):
-    return {"device": plan.target.path, "path": plan.target.device, "changed": changed,
-            "method": plan.method, "attempts": attempts, "before": plan.before.to_dict(),
+def _record(target, checked, changed, after=None, attempts=0):
+    return {"device": target.path, "path": target.device, "changed": changed,
+            "method": checked.method, "attempts": attempts,
+            "before": checked.before.to_dict(),
             "after": after.to_dict() if after is not None else None,
-            "warning": plan.warning}
+            "warning": checked.warning}
 
 
-def _drop(plans, offset, length, expect_clean, retries, check_mode):
+def _drop(plans, expect_clean, retries, check_mode):
     records, problems, codes = [], [], []
-    for plan in plans:
-        before = plan.before
+    for target, rng, checked in plans:
+        before = checked.before
         if before.clean is True:
-            records.append(_record(plan, False, after=before))
+            records.append(_record(target, checked, False, after=before))
             codes.append(exitcodes.OK)
             continue
         if check_mode:
-            records.append(_record(plan, True))
+            records.append(_record(target, checked, True))
             if before.clean is None:
-                problems.append(f"{plan.target.path}: unknown: {before.reason}")
+                problems.append(f"{target.path}: unknown: {before.reason}")
                 codes.append(exitcodes.UNKNOWN)
             continue
         try:
-            result = plan.target.drop(offset or 0, length, plan.method, expect_clean, retries)
+            # Checked again as it drops: a page may have been dirtied since.
+            result = dropping.drop(target, rng, checked.method, expect_clean, retries)
         except (OSError, BlkcacheError) as exc:
-            records.append(_record(plan, False))
+            records.append(_record(target, checked, False))
             problems.append(_describe(exc))
             codes.append(exitcodes.for_error(exc))
             continue
-        records.append(_record(plan, True, result.after, result.attempts))
+        records.append(_record(target, checked, True, result.after, result.attempts))
         codes.append(exitcodes.for_drop(result))
         if result.after.clean is None:
-            problems.append(f"{plan.target.path}: dropped with {result.method}, but "
+            problems.append(f"{target.path}: dropped with {result.method}, but "
                             f"cannot verify: {result.after.reason}")
         elif not result.after.clean:
-            problems.append(f"{plan.target.path}: {result.after.cached} pages still cached "
+            problems.append(f"{target.path}: {result.after.cached} pages still cached "
                             f"after {result.attempts} attempts with {result.method} (mapped "
                             "pages, a mounted file system or I/O in flight keep pages)")
     return records, problems, codes

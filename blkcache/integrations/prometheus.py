@@ -27,8 +27,8 @@ import time
 from typing import NamedTuple
 
 from .. import failures
-from ..api import CacheState
 from ..errors import MissingDependencyError
+from ..results import CacheState
 
 EXTRA = "pip install 'blkcache[prometheus]'"
 CACHE_STATES = ("cached", "dirty", "writeback")
@@ -53,10 +53,20 @@ def require():
     return prometheus_client
 
 
-def read(target, offset=0, length=None, interface="auto"):
-    """A Reading of an open blkcache.api.Target."""
-    state = target.status(offset, length, interface)
+def read(target, interface="auto"):
+    """A Reading of the whole of an open blkcache.api.Target."""
+    state = target.status(interface=interface)
     return Reading(state, failures.lookup(target.fd) is not None, time.time())
+
+
+def read_all(paths, interface="auto", recursive=False, report=None):
+    """An api.Batch of Readings of every device, as ``blkcache status`` opens
+    them (see api.run: bad input stops before any is read); its code is
+    status's exit code (3 where the kernel will not tell)."""
+    from .. import api, exitcodes
+
+    return api.run(paths, lambda target: read(target, interface), recursive, report,
+                   code_of=lambda reading: exitcodes.for_state(reading.state))
 
 
 def label(path):
