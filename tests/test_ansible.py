@@ -28,14 +28,12 @@ from blkcache import constants, failures
 import kernel
 from conftest import Device
 from needs import missing
+from units import PAGE, MiB
 from unprivileged import node_mode
-
-pytestmark = pytest.mark.loop
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTION = os.path.join(SOURCE, "ansible")
 BIN = os.path.dirname(sys.executable)
-MiB = 1 << 20
 RESULT = re.compile(r"^(\S+) \| (SUCCESS|CHANGED|FAILED!) => ", re.M)
 
 
@@ -94,7 +92,7 @@ def cache(loopdev, mib=8):
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
     kernel.read_buffered(loopdev.fd, 0, mib * MiB)
     pages = kernel.cached_pages(loopdev)
-    assert pages >= mib * MiB // kernel.PAGE
+    assert pages >= mib * MiB // PAGE
     return pages
 
 
@@ -357,7 +355,7 @@ def test_playbook_over_several_hosts(ansible, loops, tmp_path):
         match = re.fullmatch(rf"{devices['dirty']}: (\d+) dirty and (\d+) writeback pages "
                              r"on a device expected clean; nothing was flushed or dropped",
                              drop["msg"])
-        pages = len(new) // kernel.PAGE
+        pages = len(new) // PAGE
         assert match and 0 < int(match.group(1)) + int(match.group(2)) <= pages, drop["msg"]
         assert low["dirty"] > 0
         assert kernel.read_buffered(devices["dirty"].fd, 0, len(new)) == new

@@ -20,12 +20,9 @@ import pytest
 import kernel
 from cliproc import env, one_error_line, run
 from needs import missing, need_tool
+from units import PAGE, MiB
 from unprivileged import node_mode
 
-pytestmark = pytest.mark.loop
-
-MiB = 1 << 20
-PAGE = kernel.PAGE
 METRICS = {"blkcache_page_cache_bytes", "blkcache_device_size_bytes",
            "blkcache_page_cache_exact", "blkcache_writeback_failure_recorded",
            "blkcache_last_reading_timestamp_seconds"}
