@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ import pytest
 from blkcache import holders as holders_mod
 
 import cliproc
+import needs
 from units import MiB
 
 HOLDER = """
@@ -25,7 +25,7 @@ if sys.argv[2] == "map":
     addr = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     assert addr not in (None, ctypes.c_void_p(-1).value)
     os.close(fd)                     # only the mapping holds it now
-print("ready", flush=True)
+print("ready", fd, flush=True)
 sys.stdin.read()
 """
 
@@ -39,14 +39,15 @@ def holder_process():
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, device, how],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(proc)
-        assert proc.stdout.readline().strip() == "ready"
+        word, fd = proc.stdout.readline().split()
+        assert word == "ready"
+        proc.fd = int(fd)            # the holder's own word for its descriptor
         return proc
 
     yield start
     for proc in procs:
         proc.kill()
         proc.wait()
-
 
 
 def test_process_with_fd_and_process_with_mapping(loops, holder_process):
@@ -59,7 +60,7 @@ def test_process_with_fd_and_process_with_mapping(loops, holder_process):
     pids = {p.pid: p for p in found.processes}
     assert by_fd.pid in pids and by_map.pid in pids
     assert elsewhere.pid not in pids
-    assert len(pids[by_fd.pid].fds) == 1
+    assert pids[by_fd.pid].fds == (by_fd.fd,)
     assert pids[by_fd.pid].mapped is False
     assert pids[by_map.pid].mapped is True and pids[by_map.pid].fds == ()
     assert pids[by_fd.pid].command.startswith("python")
@@ -71,7 +72,7 @@ def test_process_with_fd_and_process_with_mapping(loops, holder_process):
 def test_status_holders_cli(loops, holder_process):
     dev = loops.attach(size=16 * MiB)
     proc = holder_process(dev, "fd")
-    fd = holders_mod.holders(dev).processes[0].fds[0]
+    fd = proc.fd
     out = cliproc.completed("status", "--holders", dev)
     assert out.returncode == 0, out.stderr
     assert f"{dev}: process {proc.pid} (python" in out.stdout
@@ -93,8 +94,7 @@ def test_nobody_holds_it(loops):
 
 
 def test_mount_is_a_holder(loops):
-    if shutil.which("mkfs.ext4") is None:
-        pytest.skip("mkfs.ext4 not installed")
+    needs.need_tool("mkfs.ext4", "e2fsprogs")
     dev = loops.attach(size=16 * MiB)
     subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
     mnt = tempfile.mkdtemp(prefix="blkcache-mnt-", dir="/var/tmp")
