@@ -2,6 +2,7 @@
 back, drop, verify, retry."""
 
 import time
+from typing import NamedTuple, Optional
 
 from . import caps, failures, native
 from .constants import DEFAULT_RETRIES, METHODS
@@ -12,14 +13,30 @@ from .errors import (
     WritebackError,
     WritebackFailedBefore,
 )
-from .results import DropResult
+from .failures import Failure
+from .results import CacheState, DropResult
 
 _FIRST_DELAY = 0.01
 
 
-def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
-         interface="auto", discard_failed=False):
-    """DropResult of dropping ``rng`` of ``target``; see Target.drop."""
+class Checked(NamedTuple):
+    """What check() found: nothing stops a drop of the range."""
+
+    method: str                 # "ioctl", "helper" or "fadvise"
+    warning: Optional[str]      # auto fell back to posix_fadvise on a whole device
+    before: CacheState
+    failure: Optional[Failure]  # a failed write-back on record (discard_failed given)
+
+
+def check(target, rng, method="auto", expect_clean=False, interface="auto",
+          discard_failed=False):
+    """Everything drop() checks before it writes back or drops anything: a
+    failed write-back on record (WritebackFailedBefore), the method
+    (MethodUnavailableError) and, with ``expect_clean``, dirty pages
+    (DirtyPagesError, CannotTellError).  A Checked; nothing changes.
+
+    A caller with several devices checks them all before dropping any
+    (blkcache.integrations.ansible)."""
     failure = failures.lookup(target.fd)
     if failure is not None and not discard_failed:
         raise WritebackFailedBefore(
@@ -30,6 +47,14 @@ def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES
     before = target.status(rng=rng, interface=interface)
     if expect_clean:
         _refuse_dirty(target, before)
+    return Checked(method, warning, before, failure)
+
+
+def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
+         interface="auto", discard_failed=False):
+    """DropResult of dropping ``rng`` of ``target``; see Target.drop."""
+    method, warning, before, failure = check(target, rng, method, expect_clean, interface,
+                                             discard_failed)
     attempts = 0
     delay = _FIRST_DELAY
     while True:

@@ -11,6 +11,7 @@ from .errors import (
     CannotTellError,
     DirtyPagesError,
     MethodUnavailableError,
+    MissingDependencyError,
     MissingNodeError,
     WritebackFailedBefore,
 )
@@ -38,7 +39,8 @@ TABLE = (
     (DIRTY, ("drop --expect-clean refused: dirty pages found, nothing done;",
              "verify --coherence: dirty pages not compared (and none stale)")),
     (FAILURE, ("failure: permission denied, I/O error, failed write-back (now or",
-               "on record: see --discard-failed), method unavailable, device gone")),
+               "on record: see --discard-failed), method unavailable, device gone;",
+               "status --prometheus: prometheus_client missing")),
     (ALL_FAILED, ("several devices: all failed (5)",)),
     (SOME_FAILED, ("several devices: some failed (5)",)),
 )
@@ -81,7 +83,8 @@ def for_error(exc):
         return DIRTY
     if isinstance(exc, CannotTellError):
         return UNKNOWN
-    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, MissingNodeError)):
+    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, MissingNodeError,
+                        MissingDependencyError)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE

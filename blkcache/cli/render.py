@@ -24,6 +24,7 @@ def describe(exc):
     from ..errors import (
         BlkcacheError,
         MethodUnavailableError,
+        MissingDependencyError,
         MissingNodeError,
         WritebackError,
     )
@@ -36,7 +37,7 @@ def describe(exc):
     where = f"{display(path)}: " if path else ""
     if isinstance(exc, WritebackError):
         return where + _writeback_failure(exc)
-    if isinstance(exc, MethodUnavailableError):
+    if isinstance(exc, (MethodUnavailableError, MissingDependencyError)):
         return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):
         return f"{where}{exc.message}"
