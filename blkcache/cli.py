@@ -805,6 +805,8 @@ def render_doctor(report):
         helper_text = "not installed"
     elif helper.usable:
         helper_text = f"{helper.capabilities}, usable"
+    elif helper.trusted is False:
+        helper_text = f"{helper.capabilities or 'no file capability'}, not trusted"
     else:
         helper_text = f"{helper.capabilities or 'no file capability'}, not usable"
     lines = [
@@ -815,6 +817,8 @@ def render_doctor(report):
         f"no_new_privs: {yes[report.no_new_privs]}",
         f"capabilities:  {cap_text}",
         f"helper:        {display(helper.path)} ({helper_text})",
+        *(f"  not used:    {display(c.path)}: {c.why_not}"
+          for c in report.helpers if not c.used and c.path != helper.path),
         f"drop method:   {report.drop_method.method}: {report.drop_method.reason}",
     ]
     for dev in report.devices:
@@ -837,6 +841,41 @@ def render_doctor(report):
         lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
         lines.append(f"  {report.setcap_command}")
     return "\n".join(lines)
+
+
+# ---- install-helper (issue 11; moves to cli/install_helper.py with the layout) ----
+
+
+@cli.command("install-helper", context_settings=CONTEXT_SETTINGS)
+@click.option("--prefix", default="/usr/local", show_default=True, metavar="PREFIX",
+              help="Install as PREFIX/libexec/blkcache/blkcache-flush.")
+@click.option("--uninstall", is_flag=True, help="Remove the helper installed there.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+def install_helper(prefix, uninstall, dry_run):
+    """Install the setcap helper as a root-owned system file (needs root).
+
+    Copies this package's blkcache-flush to PREFIX/libexec/blkcache/ as
+    root:root 0755 with cap_sys_admin+p, atomically (a temporary file in the
+    same directory, then rename): unlike a capability set on the package's own
+    copy, it survives the next pip install.  Missing directories are created
+    root:root 0755; a prefix with a directory that is not root's or is
+    writable by group or others is refused.  drop and doctor look in
+    /usr/libexec/blkcache, then /usr/local/libexec/blkcache, then the
+    package's own copy.  Exit status 0 done, 2 bad usage, 5 refused or failed.
+    """
+    from . import exitcodes
+    from .errors import BlkcacheError, UsageError
+    from .integrations import helper_install
+
+    action = helper_install.uninstall if uninstall else helper_install.install
+    try:
+        outcome = action(prefix, dry_run=dry_run)
+    except (OSError, BlkcacheError) as exc:
+        error(describe(exc))
+        return exitcodes.for_error(exc) if isinstance(exc, UsageError) else exitcodes.FAILURE
+    for step in outcome.steps:
+        click.echo(("would " if outcome.dry_run else "") + display(step))
+    return exitcodes.OK
 
 
 def main(args=None, prog_name="blkcache"):
