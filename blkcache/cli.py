@@ -755,8 +755,8 @@ def hook(kind, show_path):
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("devices", nargs=-1, metavar="[DEVICE]...")
 @click.option("--helper-path", is_flag=True,
-              help="Print only the path of the setcap helper blkcache-flush (for "
-                   "setcap cap_sys_admin+p \"$(blkcache doctor --helper-path)\").")
+              help="Print only the path of the package's own copy of the setcap "
+                   "helper blkcache-flush (what install-helper installs).")
 @output_options
 def doctor(devices, helper_path, as_json):
     """Check what blkcache can do here, as this user, and how to fix it.

@@ -285,6 +285,18 @@ def probe_helper(path):
     return None
 
 
+_PROBED = {}
+
+
+def _probe_once(path, st):
+    """probe_helper(path), asked once per process for each version of the file
+    (a new file, or a new capability, changes the inode or its ctime)."""
+    key = (path, st.st_dev, st.st_ino, st.st_ctime_ns)
+    if key not in _PROBED:
+        _PROBED[key] = probe_helper(path)
+    return _PROBED[key]
+
+
 def _probe_problem(path, granted, nosuid, nnp):
     """(problem, fix) when the probe did not find the capability granted."""
     if granted is False and nosuid:
@@ -319,7 +331,7 @@ def helper_status(path=None, probe=True):
     nnp = no_new_privs()
     problem = fix = None
     try:
-        os.stat(path)
+        st = os.stat(path)
         installed = True
     except FileNotFoundError:
         installed = False
@@ -363,7 +375,7 @@ def helper_status(path=None, probe=True):
                    f"{path} carries {text}, not cap_sys_admin in its permitted set")
         fix = setcap_command(path)
     if installed and executable and trusted and has_cap and problem is None and probe:
-        granted = probe_helper(path)
+        granted = _probe_once(path, st)
         if not granted:
             problem, fix = _probe_problem(path, granted, nosuid, nnp)
     usable = bool(installed and executable and trusted and has_cap and granted
@@ -494,16 +506,12 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
 
     The helper gets the fd itself (``fd:N``), so it acts on exactly the
     device this process opened, with no second path lookup.  ``helper``
-    defaults to the one find_helper() picks.  Raises MethodUnavailableError
-    (no trusted helper with the capability), OSError with the errno the
-    helper reported, or HelperError.
+    defaults to the one find_helper() picks (its probe is asked once per
+    process).  Raises MethodUnavailableError (no usable helper), OSError with
+    the errno the helper reported, or HelperError.
     """
     if helper is None:
-        found = find_helper(probe=False).helper
-        if not (found.trusted and found.cap_sys_admin):
-            raise MethodUnavailableError(f"{HELPER_NAME} cannot flush: {found.problem}",
-                                         path, fix=found.fix)
-        helper = found.path
+        helper = require_helper(path).path
     try:
         proc = subprocess.run([helper, f"fd:{fd}"], pass_fds=(fd,), env={}, cwd="/",
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
