@@ -90,7 +90,24 @@ def _purge():
     subprocess.run([*APT, "purge", "blkcache"], capture_output=True, text=True, check=True)
 
 
-def test_install_use_and_purge(deb, loopdev):
+def _postinst_without_setcap(tmp_path):
+    """Without setcap, or when it fails: one line, exit 0, the package stays usable."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "setcap").write_text("#!/bin/sh\necho 'Failed to set capabilities' >&2\n"
+                                 "exit 1\n")
+    (fake / "setcap").chmod(0o755)
+    postinst = "/var/lib/dpkg/info/blkcache.postinst"
+    for path in ("/usr/bin:/bin", f"{fake}:/usr/sbin:/usr/bin:/sbin:/bin"):
+        proc = subprocess.run(["sh", postinst, "configure", VERSION], capture_output=True,
+                              text=True, env={"PATH": path, "LC_ALL": "C"}, check=False)
+        assert proc.returncode == 0, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("blkcache:")]
+        assert lines == [f"blkcache: cannot set cap_sys_admin+p on {HELPER}: drops by "
+                         "non-root users will fall back to posix_fadvise"], proc.stderr
+
+
+def test_install_use_and_purge(deb, loopdev, tmp_path):
     if _installed():
         pytest.fail("blkcache is installed as a package already: not touching it")
     needs.need_tool("getcap", "libcap2-bin")
@@ -128,6 +145,11 @@ def test_install_use_and_purge(deb, loopdev):
             ["bash", "-c", ". /usr/share/bash-completion/completions/blkcache && "
                            "complete -p blkcache"], capture_output=True, text=True)
         assert completion.stdout.strip().endswith("-F _blkcache_completion blkcache")
+        words = subprocess.run(["/usr/bin/blkcache"], capture_output=True, text=True,
+                               env=dict(ENV, _BLKCACHE_COMPLETE="bash_complete",
+                                        COMP_WORDS="blkcache inst", COMP_CWORD="1"))
+        assert words.stdout.splitlines() == ["plain,install-helper"]
+        _postinst_without_setcap(tmp_path)
     finally:
         _purge()
     assert not _installed()
