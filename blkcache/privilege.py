@@ -538,8 +538,7 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
                       path)
 
 
-__all__ = ["HELPER_DIRS", "HELPER_NAME", "FileCaps", "HelperCandidate", "HelperSearch", "HelperStatus",
-           "MethodChoice", "auto_method", "cap_names", "decode_file_caps", "file_caps",
-           "find_helper", "helper_candidates", "helper_path", "helper_status",
-           "no_new_privs", "run_helper", "setcap_command", "fallback_warning",
-           "untrusted"]
+__all__ = ["HELPER_DIRS", "HELPER_NAME", "FileCaps", "HelperCandidate", "HelperSearch",
+           "HelperStatus", "MethodChoice", "auto_method", "cap_names", "decode_file_caps",
+           "fallback_warning", "file_caps", "find_helper", "helper_candidates", "helper_path",
+           "helper_status", "no_new_privs", "run_helper", "setcap_command", "untrusted"]
