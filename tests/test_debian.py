@@ -31,6 +31,22 @@ def _installed():
     return proc.returncode == 0 and "installed" in proc.stdout
 
 
+def _plant_artefacts(src):
+    """What a developer's checkout may hold (pip install -e ., build_ext
+    --inplace), each broken: were any of it packaged, status or the nobody
+    drop below would fail."""
+    broken_helper = "#!/bin/sh\nexit 0\n"        # "succeeds" without flushing
+    for path, text in (("blkcache/blkcache-flush", broken_helper),
+                       ("build/lib/blkcache/blkcache-flush", broken_helper),
+                       ("blkcache/_native.abi3.so", "not a shared object"),
+                       ("build/lib/blkcache/_native.abi3.so", "not a shared object")):
+        path = os.path.join(src, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="ascii") as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+
+
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory):
     """(path of the .deb, build log): built from a clean copy of the tree."""
@@ -41,6 +57,7 @@ def deb(tmp_path_factory):
         pytest.skip("installing a package needs root")
     work = tmp_path_factory.mktemp("deb")
     src = srctree.clean_copy(str(work / "blkcache"))
+    _plant_artefacts(src)
     proc = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,6 +86,9 @@ def test_contents(deb):
     assert any(p.startswith("/usr/lib/python3/dist-packages/blkcache/_native") for p in files)
     # One helper, outside the Python package; no hook enabled, nothing in /etc.
     assert [p for p in files if p.endswith("/blkcache-flush")] == [HELPER]
+    helper = subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -xOf - .{HELPER}",
+                            shell=True, capture_output=True, check=True).stdout
+    assert helper.startswith(b"\x7fELF")               # built, not the planted script
     assert not [p for p in files if p.startswith("/etc/")]
     [helper_line] = [line for line in listing.splitlines() if line.endswith(HELPER)]
     assert helper_line.startswith("-rwxr-xr-x root/root ")
