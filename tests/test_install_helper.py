@@ -139,6 +139,27 @@ def test_refuses_a_relative_prefix():
                                            "not 'usr/local'")
 
 
+def test_refuses_to_install_a_copy_others_could_have_changed(nobody, prefix):
+    """Root running install-helper from a package another user can write would
+    hand that user CAP_SYS_ADMIN."""
+    st = os.stat(nobody.package)
+    os.chown(nobody.package, NOBODY.pw_uid, NOBODY.pw_gid)
+    try:
+        proc = subprocess.run([nobody.python, "-s", "-B", "-m", "blkcache", "install-helper",
+                               "--prefix", prefix], env=nobody.env, cwd="/",
+                              capture_output=True, text=True, check=False)
+    finally:
+        os.chown(nobody.package, st.st_uid, st.st_gid)
+    assert (proc.returncode, proc.stdout) == (5, "")
+    assert proc.stderr == (
+        f"blkcache: {nobody.helper}: refusing to install it: not trusted: {nobody.package} "
+        "is owned by nobody (uid 65534), not root: a user who can change it could keep "
+        "its capability and run any code with CAP_SYS_ADMIN (fix: install blkcache where "
+        "only root can write, e.g. as root in a root-owned venv, and run its "
+        "install-helper)\n")
+    assert os.listdir(prefix) == []
+
+
 def test_needs_root(nobody):
     proc = nobody.blkcache("install-helper")
     assert (proc.returncode, proc.stdout) == (5, "")

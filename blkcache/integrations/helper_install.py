@@ -7,9 +7,10 @@ This installs the built helper as ``PREFIX/libexec/blkcache/blkcache-flush``
 (root:root, 0755), a place blkcache.privilege searches before the package's
 own copy:
 
-1. every existing directory of the prefix must be root's and not writable
-   by group or others (else refused, nothing changed); missing ones are
-   created root:root 0755;
+1. the package's helper must be trusted (blkcache.privilege.untrusted: a
+   copy in a user's venv is not), and every existing directory of the
+   prefix must be root's and not writable by group or others (else refused,
+   nothing changed); missing ones are created root:root 0755;
 2. the helper is copied to a temporary file in the target directory,
    chowned root:root, chmod 0755, given ``cap_sys_admin+p`` (the
    ``security.capability`` attribute setcap(8) writes) and renamed over the
@@ -101,10 +102,17 @@ def _check_prefix(prefix):
 
 
 def _source():
+    """The package's own helper, if nobody but root could have changed it: a
+    copy from a user's venv would hand that user CAP_SYS_ADMIN."""
     source = privilege.helper_path()
     if not os.path.isfile(source):
         raise InstallError(f"no built {privilege.HELPER_NAME} to install (reinstall "
                            "blkcache with a C compiler present)", source)
+    distrust = privilege.untrusted(source)
+    if distrust is not None:
+        raise InstallError(f"refusing to install it: {distrust[0]} (fix: install "
+                           "blkcache where only root can write, e.g. as root in a "
+                           "root-owned venv, and run its install-helper)", source)
     return source
 
 
