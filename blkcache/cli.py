@@ -859,7 +859,8 @@ def install_helper(prefix, uninstall, dry_run):
     same directory, then rename): unlike a capability set on the package's own
     copy, it survives the next pip install.  Missing directories are created
     root:root 0755; a prefix with a directory that is not root's or is
-    writable by group or others is refused.  drop and doctor look in
+    writable by group or others is refused, and so is a package copy another
+    user could have changed (a user's venv).  drop and doctor look in
     /usr/libexec/blkcache, then /usr/local/libexec/blkcache, then the
     package's own copy.  Exit status 0 done, 2 bad usage, 5 refused or failed.
     """
