@@ -20,9 +20,8 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from .holders import dev_path
+from .sysfs import SYSFS, dev_path, listdir, name_of, rdev_of
 
-SYSFS = "/sys"
 MAX_DEPTH = 16
 RELATIONS = ("self", "partition", "disk", "slave")
 
@@ -47,35 +46,9 @@ class Related:
                 "relation": self.relation, "parent": self.parent, "depth": self.depth}
 
 
-def _read(path):
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _rdev_of(name, sysfs):
-    text = _read(f"{sysfs}/class/block/{name}/dev")
-    if not text or ":" not in text:
-        return None
-    major, minor = text.split(":", 1)
-    try:
-        return os.makedev(int(major), int(minor))
-    except ValueError:
-        return None
-
-
-def _listdir(path):
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
-
-
 def _partitions(name, sysfs):
     base = f"{sysfs}/class/block/{name}"
-    return [entry for entry in _listdir(base)
+    return [entry for entry in listdir(base)
             if os.path.exists(f"{base}/{entry}/partition")]
 
 
@@ -86,14 +59,6 @@ def _whole_disk(name, sysfs):
         return None
     parent = os.path.basename(os.path.dirname(os.path.realpath(base)))
     return parent if os.path.exists(f"{sysfs}/class/block/{parent}/dev") else None
-
-
-def sysfs_name(rdev, sysfs=SYSFS):
-    """The sysfs name (loop0, loop0p1, dm-0) of block device rdev, or None."""
-    link = f"{sysfs}/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-    if not os.path.exists(link):
-        return None
-    return os.path.basename(os.path.realpath(link))
 
 
 def expand(path, sysfs=SYSFS, partitions=True, below=True):
@@ -110,7 +75,7 @@ def expand(path, sysfs=SYSFS, partitions=True, below=True):
     if not stat.S_ISBLK(st.st_mode):
         return [Related(path, os.path.basename(path), None, "self", None, 0)]
     rdev = st.st_rdev
-    name = sysfs_name(rdev, sysfs)
+    name = name_of(rdev, sysfs)
     majmin = f"{os.major(rdev)}:{os.minor(rdev)}"
     out = [Related(path, name or os.path.basename(path), majmin, "self", None, 0)]
     if name is None:
@@ -128,9 +93,9 @@ def expand(path, sysfs=SYSFS, partitions=True, below=True):
             disk = _whole_disk(current, sysfs)
             if disk:
                 found.append((disk, "disk"))
-            found += [(s, "slave") for s in _listdir(f"{sysfs}/class/block/{current}/slaves")]
+            found += [(s, "slave") for s in listdir(f"{sysfs}/class/block/{current}/slaves")]
         for child, relation in found:
-            child_rdev = _rdev_of(child, sysfs)
+            child_rdev = rdev_of(child, sysfs)
             if child_rdev is None or child_rdev in seen:
                 continue   # gone meanwhile, or seen already (cycle, diamond)
             seen.add(child_rdev)
@@ -155,4 +120,4 @@ def expand_all(paths, sysfs=SYSFS):
     return out
 
 
-__all__ = ["Related", "expand", "expand_all", "sysfs_name", "RELATIONS"]
+__all__ = ["Related", "expand", "expand_all", "RELATIONS"]

@@ -9,6 +9,7 @@ silently discard them.  drop records the failure and refuses until
 import os
 
 import blkcache
+from blkcache._native import lib
 
 import cliproc
 import kernel
@@ -79,7 +80,7 @@ def test_without_the_record_the_kernel_would_let_a_second_drop_discard_the_data(
             else:
                 raise AssertionError("the first drop must fail")
             with blkcache.Target(device) as target:
-                rc = blkcache.api.lib.blkcache_datasync(target.fd)
+                rc = lib.blkcache_datasync(target.fd)
             assert rc == 0, "a new open file is not told of the earlier failure"
             # And the API refuses, with the failure it recorded.
             try:

@@ -23,7 +23,7 @@ import pytest
 from blkcache import privilege
 
 import kernel
-from unprivileged import cached_loop, node_mode, nobody  # noqa: F401
+from unprivileged import cached_loop, node_mode
 
 NOBODY = pwd.getpwnam("nobody")
 

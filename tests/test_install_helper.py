@@ -24,7 +24,7 @@ import cliproc
 import kernel
 import needs
 import srctree
-from unprivileged import ENV, SETPRIV, cached_loop, node_mode, nobody  # noqa: F401
+from unprivileged import ENV, SETPRIV, cached_loop, node_mode
 
 NOBODY = pwd.getpwnam("nobody")
 HELPER = privilege.HELPER_NAME

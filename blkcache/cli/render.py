@@ -1,0 +1,248 @@
+"""Text for people: every line the command line prints about a result or an
+error.  Pure functions of library results; nothing here does I/O."""
+
+import time
+
+from ..sizes import format_size
+
+
+def display(path):
+    """A path printable on one line: undecodable bytes and controls escaped."""
+    if path is None:
+        return ""
+    text = path if isinstance(path, str) else str(path)
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _count(value):
+    return "?" if value is None else str(value)
+
+
+def describe(exc):
+    """One line for an exception raised by the API."""
+    from ..errors import (
+        BlkcacheError,
+        MethodUnavailableError,
+        MissingNodeError,
+        WritebackError,
+    )
+
+    if isinstance(exc, MissingNodeError):
+        rel = exc.related
+        return (f"{display(rel.name)} ({rel.rdev}, {rel.relation} of "
+                f"{display(rel.parent)}): no device node in /dev; not handled")
+    path = getattr(exc, "path", None) if isinstance(exc, BlkcacheError) else exc.filename
+    where = f"{display(path)}: " if path else ""
+    if isinstance(exc, WritebackError):
+        return where + _writeback_failure(exc)
+    if isinstance(exc, MethodUnavailableError):
+        return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
+    if isinstance(exc, BlkcacheError):
+        return f"{where}{exc.message}"
+    return f"{where}{exc.strerror or exc}"
+
+
+def _writeback_failure(exc):
+    dirty = exc.before.dirty if exc.before is not None else None
+    still = exc.after.dirty if exc.after is not None else None
+    if exc.record:
+        later = f"later drops refuse until --discard-failed; record {exc.record}"
+    else:
+        later = (f"the failure could not be recorded ({exc.record_error}): do not drop "
+                 "this device again before the data is safe")
+    return (f"write-back failed: {exc.strerror}; {_count(dirty)} pages were dirty, "
+            f"{_count(still)} still dirty; nothing was dropped (the cached pages may "
+            f"be the only copy of that data; {later})")
+
+
+# -- status ------------------------------------------------------------------------
+
+def _pages(state, value):
+    if not state.exact:
+        return "?"
+    return "-" if value is None else str(value)
+
+
+def _size(value, in_bytes):
+    if value is None:
+        return "?"
+    return str(value) if in_bytes else format_size(value)
+
+
+def table(states, in_bytes=False, noheadings=False):
+    """status: one row per CacheState, like fincore(1)."""
+    header = ("RES", "PAGES", "SIZE", "DIRTY", "WRITEBACK", "DEVICE")
+    rows = [(_size(s.cached_bytes, in_bytes), _pages(s, s.cached), _size(s.length, in_bytes),
+             _pages(s, s.dirty), _pages(s, s.writeback), display(s.path)) for s in states]
+    if not noheadings:
+        rows.insert(0, header)
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(" ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " " + row[5]
+                     for row in rows)
+
+
+def status_extras(reports):
+    """status --map and --holders: lines for each api.StatusReport."""
+    for report in reports:
+        name = display(report.state.path)
+        if report.map is not None:
+            rmap = report.map
+            per = rmap.length // max(1, len(rmap.bucket_pages))
+            yield (f"{name}: {rmap.render()} {format_size(rmap.length)}, "
+                   f"{format_size(per)} per column")
+        if report.holders is not None:
+            yield from (f"{name}: {line}" for line in _holder_lines(report.holders))
+
+
+def _holder_lines(held):
+    lines = [display(h.describe()) for h in held.processes + held.mounts + held.stacked]
+    if held.rdev is None:
+        lines = ["holders are listed for block devices only"]
+    elif not lines:
+        lines = ["no other holder (the cache goes when the last opener closes it)"]
+    if held.unreadable:
+        lines.append(f"{held.unreadable} process(es) could not be inspected (permission)")
+    return lines
+
+
+def beyond_end_note(state):
+    """Mention pages cached past the end of a device that shrank."""
+    if not state.beyond_end:
+        return ""
+    return (f" ({state.beyond_end} of them past the end of the device, which shrank: "
+            "stale if it grows again)")
+
+
+# -- drop and verify ---------------------------------------------------------------
+
+_METHOD_NAMES = {"ioctl": "BLKFLSBUF", "fadvise": "posix_fadvise",
+                 "helper": "BLKFLSBUF via blkcache-flush"}
+
+
+def drop_line(result):
+    before, after = result.before, result.after
+    method = _METHOD_NAMES.get(result.method, result.method)
+    if after.cached is None:
+        return (f"{display(result.path)}: dropped with {method}; the kernel will not tell "
+                "this user whether pages remain (unknown)")
+    text = (f"{display(result.path)}: {_count(before.cached)} -> {after.cached} pages cached "
+            f"({format_size(after.page_size * (result.dropped or 0))} dropped with {method}, "
+            f"{result.attempts} attempt{'s' if result.attempts != 1 else ''})")
+    if after.cached:
+        text += ("; pages remain: mapped pages (mmap), pages held by a mounted file system "
+                 "and pages under I/O survive a drop")
+    return text + beyond_end_note(before)
+
+
+def drop_warning(result):
+    return f"warning: {display(result.path)}: {result.warning}"
+
+
+def verify_line(check):
+    state = check.state
+    if check.verdict == "unknown":
+        return f"{display(state.path)}: unknown: {state.reason}"
+    return (f"{display(state.path)}: {check.verdict}: {state.cached} of {state.pages} pages "
+            f"({format_size(state.cached_bytes)}) cached" + beyond_end_note(state))
+
+
+def coherence_lines(report):
+    """Text lines for one coherence report."""
+    name = display(report.path)
+    if report.verdict == "unknown":
+        return [f"{name}: unknown: {report.reason}"]
+    head = {"coherent": f"coherent: {report.compared} cached pages match the device",
+            "stale": f"stale: {report.stale} of {report.compared} compared pages differ "
+                     "from the device",
+            "dirty": f"dirty: {report.compared} cached pages match the device, "
+                     f"{report.dirty} dirty pages could not be compared"}[report.verdict]
+    lines = [f"{name}: {head} ({report.resident} resident, {report.dirty} dirty and "
+             f"{report.vanished} evicted not compared)"]
+    for kind, ranges in (("stale", report.stale_ranges), ("dirty", report.dirty_ranges),
+                         ("evicted", report.vanished_ranges)):
+        for off, length in ranges:
+            lines.append(f"  {kind} offset {off} length {length} "
+                         f"({length // report.page_size} pages, {format_size(length)})")
+    if report.truncated:
+        lines.append("  (more ranges not listed; counts are exact)")
+    return lines
+
+
+# -- watch -------------------------------------------------------------------------
+
+WATCH_HEADER = f"{'TIME':>12} {'RES':>7} {'PAGES':>10} {'DIRTY':>8} {'WRITEBACK':>9} DEVICE"
+
+
+def watch_line(sample, in_bytes=False):
+    s = sample.state
+    stamp = time.strftime("%H:%M:%S", time.localtime(sample.time))
+    stamp += f".{int(sample.time * 1000) % 1000:03d}"
+    res = _size(s.cached_bytes, in_bytes)
+    return (f"{stamp:>12} {res:>7} {_pages(s, s.cached):>10} {_pages(s, s.dirty):>8} "
+            f"{_pages(s, s.writeback):>9} {display(s.path)}")
+
+
+# -- doctor ------------------------------------------------------------------------
+
+_YES = {True: "yes", False: "no", None: "unknown"}
+
+
+def _caps_text(report):
+    caps = report.effective_caps
+    if not caps:
+        text = "none"
+    elif len(caps) <= 4:
+        text = ", ".join(caps)
+    else:
+        text = f"{len(caps)} capabilities"
+    return text + (f" (cap_sys_admin: {_YES[report.cap_sys_admin]}, "
+                   f"cap_fowner: {_YES[report.cap_fowner]})")
+
+
+def _helper_text(helper):
+    if helper.installed is False:
+        return "not installed"
+    if helper.usable:
+        return f"{helper.capabilities}, usable"
+    verdict = "not trusted" if helper.trusted is False else "not usable"
+    return f"{helper.capabilities or 'no file capability'}, {verdict}"
+
+
+def _device_line(dev):
+    if not dev.opened:
+        return f"device:        {display(dev.path)}: cannot use: {dev.error}"
+    verdict = "counts" if dev.answers else "\"unknown\" (exit 3)"
+    return (f"device:        {display(dev.path)}: {dev.kind}; cachestat {dev.cachestat}, "
+            f"mincore {dev.mincore}: status/verify give {verdict}; drop uses "
+            f"{dev.drop_method}")
+
+
+def doctor(report):
+    """blkcache doctor's report as text."""
+    helper = report.helper
+    lines = [
+        f"kernel:        Linux {report.kernel}, cachestat(2) "
+        + {True: "available", False: "missing (mincore fallback)",
+           None: "unknown"}[report.cachestat_available],
+        f"user:          {display(report.user)} (uid {report.uid}), "
+        f"no_new_privs: {_YES[report.no_new_privs]}",
+        f"capabilities:  {_caps_text(report)}",
+        f"helper:        {display(helper.path)} ({_helper_text(helper)})",
+        *(f"  not used:    {display(c.path)}: {c.why_not}"
+          for c in report.helpers if not c.used and c.path != helper.path),
+        f"drop method:   {report.drop_method.method}: {report.drop_method.reason}",
+    ]
+    lines += [_device_line(dev) for dev in report.devices]
+    if report.problems:
+        lines.append("problems:")
+        for problem in report.problems:
+            lines.append(f"  - {display(problem.subject)}: {problem.problem}")
+            if problem.fix:
+                lines.append(f"    fix: {problem.fix}")
+    else:
+        lines.append("problems:      none")
+    if helper.installed and not helper.cap_sys_admin:
+        lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
+        lines.append(f"  {report.setcap_command}")
+    return "\n".join(lines)
