@@ -57,13 +57,13 @@ class Batch:
         return [o.result for o in self.outcomes if o.error is None]
 
 
-def expand(paths):
+def expand(paths, sysfs="/sys"):
     """Each path, then its partitions and the devices below it (blkcache.stack):
     a list of device paths, or MissingNodeError for one without a node in /dev."""
     from . import stack
 
     return [MissingNodeError(rel) if rel.missing else rel.path
-            for rel in stack.expand_all(paths)]
+            for rel in stack.expand_all(paths, sysfs)]
 
 
 def run(paths, action, recursive=False, report=None, code_of=exitcodes.for_result):

@@ -14,9 +14,7 @@ from blkcache._native import lib
 import cliproc
 import kernel
 from test_faults import _image_on, mounted
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def _failing_device(loops, mnt):
