@@ -216,8 +216,10 @@ def untrusted(path):
     problem = ("not trusted: " + "; ".join(problems)
                + ": a user who can change it could keep its capability and run any code "
                  "with CAP_SYS_ADMIN")
-    install = "install a root-owned copy: blkcache install-helper"
-    fix = f"as root, {' && '.join(fixes)}; or {install}" if fixes else f"as root, {install}"
+    # Every problem comes with a fix: an entry not root's is chowned where it
+    # is checked, a sticky directory is fine once its entry is.
+    fix = (f"as root, {' && '.join(fixes)}; or install a root-owned copy: "
+           "blkcache install-helper")
     return problem, fix
 
 
