@@ -8,13 +8,13 @@ does with several devices: the same expansion, checks and exit codes.
 """
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from . import exitcodes
 from .constants import DEFAULT_RETRIES, MAX_TARGETS, PAGE_SIZE
 from .errors import BlkcacheError, MissingNodeError, UsageError
 from .ranges import Range
+from .record import MutableRecord, Record, record
 from .residency import UNKNOWN_REASON
 from .results import CacheState, DropResult, StatusReport, Verification
 from .sizes import format_size, parse_size
@@ -33,8 +33,8 @@ def open_targets(paths, stack):
     return [stack.enter_context(Target(path)) for path in paths]
 
 
-@dataclass(frozen=True)
-class Outcome:
+@record
+class Outcome(Record):
     """What run() got for one device: a ``result``, or the ``error`` (an
     OSError or BlkcacheError) that stopped it; ``code`` is its exit code."""
 
@@ -43,14 +43,20 @@ class Outcome:
     error: Optional[Exception]
     code: int
 
+    def __init__(self, path, result, error, code):
+        self.__dict__.update(path=path, result=result, error=error, code=code)
 
-@dataclass
-class Batch:
+
+@record
+class Batch(MutableRecord):
     """What run() did: an Outcome per device, in order, and the exit code of
     the whole (blkcache.exitcodes.combine: 32 all failed, 64 some failed)."""
 
-    outcomes: List[Outcome] = field(default_factory=list)
+    outcomes: List[Outcome]
     code: int = exitcodes.OK
+
+    def __init__(self, outcomes=None, code=exitcodes.OK):
+        self.__dict__.update(outcomes=[] if outcomes is None else outcomes, code=code)
 
     @property
     def results(self):
