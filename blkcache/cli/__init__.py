@@ -21,6 +21,7 @@ COMMANDS = {
     "doctor": "doctor",
     "drop": "drop",
     "hook": "hook",
+    "install-helper": "install_helper",
     "status": "status",
     "verify": "verify",
     "watch": "watch",
