@@ -81,7 +81,7 @@ def test_contents(deb):
                  "/usr/share/man/man8/blkcache-flush.8.gz",
                  "/usr/share/bash-completion/completions/blkcache",
                  "/usr/share/doc/blkcache/copyright",
-                 "/usr/lib/python3/dist-packages/blkcache/hooks/qemu"):
+                 "/usr/share/blkcache/hooks/qemu"):
         assert path in files, path
     assert any(p.startswith("/usr/lib/python3/dist-packages/blkcache/_native") for p in files)
     # One helper, outside the Python package; no hook enabled, nothing in /etc.
@@ -170,6 +170,13 @@ def test_install_use_and_purge(deb, loopdev, tmp_path):
                                env=dict(ENV, _BLKCACHE_COMPLETE="bash_complete",
                                         COMP_WORDS="blkcache inst", COMP_CWORD="1"))
         assert words.stdout.splitlines() == ["plain,install-helper"]
+        # The shipped hook is what --install would write for this package.
+        hook = subprocess.run(["/usr/bin/blkcache", "hook", "libvirt"], capture_output=True,
+                              text=True, check=True).stdout
+        with open("/usr/share/blkcache/hooks/qemu", encoding="utf-8") as f:
+            assert f.read() == hook
+        assert hook.startswith("#!/usr/bin/python3 -I\n")
+        assert os.stat("/usr/share/blkcache/hooks/qemu").st_mode & 0o777 == 0o755
         _postinst_without_setcap(tmp_path)
     finally:
         _purge()
@@ -178,6 +185,7 @@ def test_install_use_and_purge(deb, loopdev, tmp_path):
     assert not os.path.lexists("/usr/bin/blkcache")
     assert glob.glob("/usr/lib/python3/dist-packages/blkcache*") == []
     assert not os.path.lexists("/usr/share/bash-completion/completions/blkcache")
+    assert not os.path.lexists("/usr/share/blkcache")
 
 
 def test_postinst_honours_dpkg_statoverride(deb):
