@@ -20,6 +20,7 @@ from .errors import (
     DirtyPagesError,
     InvalidRangeError,
     MethodUnavailableError,
+    StateDirError,
     UnsupportedFileError,
     UsageError,
     WritebackError,
@@ -209,12 +210,14 @@ class Target:
     ...     t.status().cached
     """
 
+    #: The descriptor; -1 once closed (or when __init__ failed before opening).
+    fd = -1
+
     def __init__(self, path):
         path = os.fspath(path)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         self.path = path
-        self.fd = -1
         if path == "":
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         # Type-checked before anything is opened (see safeopen): a directory,
@@ -410,13 +413,16 @@ class Target:
     def _sync(self, rng, before, interface):
         if lib.blkcache_datasync(self.fd) != 0:
             err = ffi.errno
-            after = self.status(rng=rng, interface=interface)
             # The kernel tells each open file once and marks the pages clean:
-            # remember it, or the next drop would discard the only copy.
+            # record it at once (the drop lock keeps every other drop of this
+            # device waiting), or the next drop would discard the only copy.
             try:
                 record, problem = failures.record(self.fd, self.path, err, before.dirty), None
+            except StateDirError as exc:
+                record, problem = None, f"{exc.path}: {exc.message}; fix: {exc.fix}"
             except OSError as exc:
                 record, problem = None, f"{exc.strerror or exc}: {exc.filename}"
+            after = self.status(rng=rng, interface=interface)
             raise WritebackError(err, self.path, before, after, record, problem)
 
     def _drop_once(self, method, rng):
@@ -452,15 +458,53 @@ class Target:
 
         A failed write-back is recorded (blkcache.failures); until
         ``discard_failed=True`` says the cached data may go, later drops of
-        that device raise WritebackFailedBefore and drop nothing.
+        that device instance raise WritebackFailedBefore and drop nothing.
+        An exclusive flock(2) on the device's descriptor is held from that
+        lookup to the end (BusyError after failures.LOCK_TIMEOUT seconds of
+        waiting for another drop), so that a concurrent drop cannot miss a
+        failure the kernel reported to this one only.
         """
         rng = self.range(offset, length)
-        failure = failures.lookup(self.fd)
+        failures.lock(self.fd, self.path)
+        try:
+            return self._drop_locked(rng, method, expect_clean, retries, interface,
+                                     discard_failed)
+        finally:
+            failures.unlock(self.fd)
+
+    def _failure_on_record(self, discard_failed):
+        """(Failure or None, warning or None); WritebackFailedBefore or
+        StateDirError when the drop must not go on."""
+        try:
+            failure = failures.lookup(self.fd)
+        except StateDirError as exc:
+            if not discard_failed:
+                raise StateDirError(
+                    f"{exc.message}; cannot tell whether a failed write-back of "
+                    f"{self.path} is on record, so nothing was dropped", exc.path,
+                    exc.fix) from None
+            return None, f"{exc.path}: {exc.message}: no record consulted or removed"
         if failure is not None and not discard_failed:
             raise WritebackFailedBefore(
                 f"{failure.describe()}: its cached pages may be the only copy of that "
                 "data; nothing was dropped (save what is needed, then drop with "
                 "--discard-failed)", self.path, failure)
+        return failure, None
+
+    def _forget(self, failure):
+        """Remove the record a completed --discard-failed drop made obsolete;
+        a warning if it cannot be removed (the drop itself succeeded)."""
+        try:
+            failures.clear(self.fd)
+        except (OSError, StateDirError) as exc:
+            where = getattr(exc, "filename", None) or getattr(exc, "path", None)
+            reason = getattr(exc, "strerror", None) or getattr(exc, "message", str(exc))
+            return (f"the record {failure.record} could not be removed ({reason}: {where}); "
+                    "later drops refuse until it is (blkcache failures --clear)")
+        return None
+
+    def _drop_locked(self, rng, method, expect_clean, retries, interface, discard_failed):
+        failure, record_warning = self._failure_on_record(discard_failed)
         method, warning = self.resolve_method(method, rng)
         before = self.status(rng=rng, interface=interface)
         if expect_clean:
@@ -486,7 +530,8 @@ class Target:
             time.sleep(delay)
             delay *= 2
         if failure is not None:
-            failures.clear(self.fd)
+            record_warning = self._forget(failure)
+        warning = "; ".join(w for w in (warning, record_warning) if w) or None
         return DropResult(self.path, self.device, method, attempts, before, after, warning)
 
     def verify(self, offset=0, length=None, interface="auto"):
@@ -500,16 +545,21 @@ class Target:
 MAX_TARGETS = 256
 
 
-def open_targets(paths, stack):
+def open_targets(paths, stack, offset=0, length=None):
     """Open every path (at most MAX_TARGETS) into ``stack``, an ExitStack.
 
-    All are opened and type-checked before any is used, so bad input stops a
-    multi-device call before anything changes.
+    All are opened and type-checked, and the range (``offset``, ``length``)
+    is validated on each, before any is used: bad input on any device (a
+    path, a type, a range past its end) stops a multi-device call before
+    anything changes.
     """
     paths = list(paths)
     if len(paths) > MAX_TARGETS:
         raise UsageError(f"too many devices: {len(paths)} (at most {MAX_TARGETS})")
-    return [stack.enter_context(Target(path)) for path in paths]
+    targets = [stack.enter_context(Target(path)) for path in paths]
+    for target in targets:
+        target.range(offset, length)
+    return targets
 
 
 def status(path, offset=0, length=None, interface="auto"):

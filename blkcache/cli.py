@@ -68,7 +68,7 @@ def error(message):
 
 def describe(exc):
     """One line for an exception raised by the API."""
-    from .errors import BlkcacheError, MethodUnavailableError, WritebackError
+    from .errors import BlkcacheError, WritebackError
 
     path = getattr(exc, "path", None) if isinstance(exc, BlkcacheError) else exc.filename
     where = f"{display(path)}: " if path else ""
@@ -83,10 +83,9 @@ def describe(exc):
         return (f"{where}write-back failed: {exc.strerror}; {_count(dirty)} pages were dirty, "
                 f"{_count(still)} still dirty; nothing was dropped (the cached pages may "
                 f"be the only copy of that data; {later})")
-    if isinstance(exc, MethodUnavailableError):
-        return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):
-        return f"{where}{exc.message}"
+        fix = getattr(exc, "fix", None)
+        return f"{where}{exc.message}" + (f" (fix: {fix})" if fix else "")
     return f"{where}{exc.strerror or exc}"
 
 
@@ -136,42 +135,112 @@ def output_options(func):
     return wrapper
 
 
-def run_targets(paths, action, recursive=False):
-    """Open every path, run ``action(target)`` on each, combine exit codes.
+def run_targets(paths, action, recursive=False, offset=0, length=None):
+    """Open every path, run ``action(target, label)`` on each, combine exit codes.
 
-    ``action`` returns (record, code).  API errors become one line on
-    stderr; bad input on any path stops before anything is done.  With
-    ``recursive``, each path is expanded into itself, its partitions and the
-    devices below it (see expand_devices).
+    ``action`` returns (record, code); ``label`` names the row (the path, and
+    with ``recursive`` its relation).  API errors become one line on stderr;
+    bad input on any path (its type, or the range ``offset``/``length`` past
+    its end) stops before anything is done.  With ``recursive``, each path is
+    expanded into itself and its related devices (see expand_devices).
+    Returns (records, code, devices): the records each with its Related (or
+    None), and the Devices run on.
     """
 
     from . import api, exitcodes
     from .errors import BlkcacheError
 
-    records, codes = [], []
-    if recursive:
-        paths, codes = expand_devices(paths)
+    devices = Devices(paths, recursive)
+    records, codes = [], list(devices.codes)
     with contextlib.ExitStack() as stack:
         try:
-            targets = api.open_targets(paths, stack)
+            targets = api.open_targets(devices.paths, stack, offset, length)
         except (OSError, BlkcacheError) as exc:
             error(describe(exc))
-            return records, exitcodes.for_error(exc)
+            return records, exitcodes.for_error(exc), devices
         for target in targets:
             try:
-                record, code = action(target)
+                record, code = action(target, devices.label(target.path))
             except (OSError, BlkcacheError) as exc:
                 error(describe(exc))
                 code = exitcodes.for_error(exc)
                 record = None
             if record is not None:
-                records.append(record)
+                records.append((record, devices.relations.get(target.path)))
             codes.append(code)
-    return records, exitcodes.combine(codes)
+    return records, exitcodes.combine(codes), devices
 
 
-def emit_json(key, records):
-    click.echo(json.dumps({key: records}, indent=2))
+class Devices:
+    """The devices of one command: those named, or with --recursive each with
+    its related devices (and how each relates); without it, which related
+    devices were left out."""
+
+    def __init__(self, paths, recursive):
+        self.named = list(paths)
+        self.recursive = recursive
+        self.relations = {}
+        self.codes = []
+        self.paths = self.named
+        if recursive:
+            rels, self.codes = expand_devices(self.named)
+            self.relations = {rel.path: rel for rel in rels}
+            self.paths = [rel.path for rel in rels]
+        self._unchecked = None
+
+    def label(self, path):
+        """The row's name: the path, and for a related device its relation."""
+        rel = self.relations.get(path)
+        if rel is None or rel.relation == "self":
+            return display(path)
+        return f"{display(path)} ({rel.relation} of {display(rel.parent)})"
+
+    @staticmethod
+    def relation(rel):
+        """The RELATION column: self, or relation:parent."""
+        if rel is None or rel.relation == "self":
+            return "self"
+        return f"{rel.relation}:{display(rel.parent)}"
+
+    def unchecked(self):
+        """Related devices that were not handled (none with --recursive)."""
+        if self._unchecked is None:
+            from . import stack
+
+            self._unchecked = [] if self.recursive else stack.unchecked(self.named)
+        return self._unchecked
+
+    def note(self):
+        """One line about related devices not checked, or None."""
+        left = self.unchecked()
+        if not left:
+            return None
+        shown = ", ".join(f"{display(rel.name)}: {rel.relation} of {display(rel.parent)}"
+                          for rel in left[:4])
+        more = f", and {len(left) - 4} more" if len(left) > 4 else ""
+        noun = "device" if len(left) == 1 else "devices"
+        return f"{len(left)} related {noun} not checked ({shown}{more}); use -r"
+
+    def tell(self, quiet=False):
+        """Print the note on standard error (not with --quiet)."""
+        line = self.note()
+        if line and not quiet:
+            error(line)
+
+    def to_json(self, record, rel):
+        """A record's JSON object, with its relation under --recursive."""
+        if not self.recursive:
+            return record
+        return {**record, "relation": rel.relation if rel else "self",
+                "parent": rel.parent if rel else None}
+
+
+def emit_json(key, records, devices):
+    """Print the records (dicts, each with its Related) under ``key``, and
+    the related devices that were not checked."""
+    click.echo(json.dumps({key: [devices.to_json(record, rel) for record, rel in records],
+                           "not_checked": [rel.to_dict() for rel in devices.unchecked()]},
+                          indent=2))
 
 
 class BlkcacheGroup(click.Group):
@@ -179,6 +248,7 @@ class BlkcacheGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        _fill_standard_fds()
         guard = GuardedStdout.install()
         try:
             code = self._run(args, prog_name, complete_var, **extra)
@@ -211,21 +281,59 @@ class BlkcacheGroup(click.Group):
         return code if isinstance(code, int) else 0
 
 
+def _fill_standard_fds():
+    """Put /dev/null on a closed descriptor 0, 1 or 2, so that no device or
+    record opened later takes its number (and the helper inherits nothing
+    of ours there).  sys.stdout stays None: GuardedStdout sees it closed."""
+    import fcntl
+
+    for fd in (0, 1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.open(os.devnull, os.O_RDWR)     # the lowest free number: fd
+
+
+class _ClosedStdout(io.RawIOBase):
+    """Where output goes when standard output was closed (`>&-`): nowhere,
+    but what was written is remembered, to be reported as lost."""
+
+    written = False
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data):
+            self.written = True
+        return len(data)
+
+
 class GuardedStdout(io.TextIOWrapper):
     """sys.stdout for one command: the first write error is kept, not raised,
     and output after it is discarded.  A reader that went away (EPIPE) or a
-    full disk must not turn a device's result into a device error."""
+    full disk must not turn a device's result into a device error; output
+    that could not be delivered (a full disk, standard output closed) is
+    reported by remove()."""
 
     lost = None
+    closed_stdout = None
 
     @classmethod
     def install(cls):
         out = sys.stdout
-        if getattr(out, "buffer", None) is None:
+        if out is None:
+            closed = _ClosedStdout()
+            guard = cls(io.BufferedWriter(closed), encoding="utf-8",
+                        errors="surrogateescape")
+            guard.closed_stdout = closed
+        elif getattr(out, "buffer", None) is None:
             return None
-        out.flush()
-        guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
-                    line_buffering=out.line_buffering)
+        else:
+            out.flush()
+            guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
+                        line_buffering=out.line_buffering)
         guard.original = out
         sys.stdout = guard
         return guard
@@ -255,10 +363,15 @@ class GuardedStdout(io.TextIOWrapper):
 
     def remove(self):
         """Put the real stdout back; the first write error, or None."""
+        import errno
+
         self.flush()
         sys.stdout = self.original
         with contextlib.suppress(ValueError):
             self.detach()
+        if self.lost is None and self.closed_stdout is not None and \
+                self.closed_stdout.written:
+            self.lost = OSError(errno.EBADF, "standard output is closed")
         return self.lost
 
 
@@ -287,8 +400,9 @@ def cli():
               help="Also draw where the cached pages are: 64 columns, ' ' none, 'o' part, "
                    "'O' all cached (like vmtouch -v).")
 @click.option("-r", "--recursive", is_flag=True,
-              help="Also each device's partitions and the devices below it (a partition's "
-                   "disk, sysfs slaves), each on its own row.")
+              help="Also each device's partitions, the devices below it (a partition's "
+                   "disk, sysfs slaves) and above it (sysfs holders), each on its own row "
+                   "with its RELATION.")
 @output_options
 def status(devices, offset, length, interface, in_bytes, noheadings, holders, show_map,
            recursive, as_json):
@@ -300,26 +414,34 @@ def status(devices, offset, length, interface, in_bytes, noheadings, holders, sh
     not tell this user (exit 3).  JSON sizes are always in bytes.
 
     Each partition and stacked device has a page cache of its own: see
-    --recursive.  The cache lives only while someone holds the device open:
-    see --holders.
+    --recursive (without it, one line on standard error names the related
+    devices not checked).  The cache lives only while someone holds the
+    device open: see --holders.
     """
     from . import exitcodes
 
-    def action(target):
+    def action(target, label):
         state = target.status(offset, length, interface)
         extra = status_extras(target, state, holders, show_map, interface, as_json)
         return (state, extra), exitcodes.for_state(state)
 
-    records, code = run_targets(devices, action, recursive)
+    records, code, devs = run_targets(devices, action, recursive, offset, length)
     if as_json:
-        emit_json("devices", [{**s.to_dict(), **extra} for s, extra in records])
-    elif records:
-        click.echo(render_table([s for s, _ in records], in_bytes, noheadings))
-        render_status_extras(records)
+        emit_json("devices", [({**s.to_dict(), **extra}, rel) for (s, extra), rel in records],
+                  devs)
+        return code
+    if records:
+        relations = [devs.relation(rel) for _, rel in records] if recursive else None
+        click.echo(render_table([s for (s, _), _ in records], in_bytes, noheadings,
+                                relations))
+        render_status_extras([record for record, _ in records])
+    devs.tell()
     return code
 
 
-def render_table(states, in_bytes=False, noheadings=False):
+def render_table(states, in_bytes=False, noheadings=False, relations=None):
+    """fincore-like rows; with ``relations`` (--recursive), a RELATION column
+    before DEVICE."""
     from .sizes import format_size
 
     def size(value):
@@ -332,26 +454,33 @@ def render_table(states, in_bytes=False, noheadings=False):
             return "?"
         return "-" if value is None else str(value)
 
-    header = ("RES", "PAGES", "SIZE", "DIRTY", "WRITEBACK", "DEVICE")
+    header = ("RES", "PAGES", "SIZE", "DIRTY", "WRITEBACK")
     rows = [(size(s.cached_bytes), pages(s, s.cached), size(s.length),
-             pages(s, s.dirty), pages(s, s.writeback), display(s.path)) for s in states]
+             pages(s, s.dirty), pages(s, s.writeback)) for s in states]
+    if relations is not None:
+        header += ("RELATION",)
+        rows = [row + (rel,) for row, rel in zip(rows, relations)]
+    rows = [row + (display(s.path),) for row, s in zip(rows, states)]
     if not noheadings:
-        rows.insert(0, header)
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join(" ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " " + row[5]
-                     for row in rows)
+        rows.insert(0, header + ("DEVICE",))
+    last = len(header)
+    widths = [max(len(row[i]) for row in rows) for i in range(last)]
+    return "\n".join(" ".join(cell.rjust(w) if i < 5 else cell.ljust(w)
+                              for i, (cell, w) in enumerate(zip(row, widths)))
+                     + " " + row[last] for row in rows)
 
 
-def drop_line(result):
+def drop_line(result, label=None):
     from .sizes import format_size
 
     before, after = result.before, result.after
     method = {"ioctl": "BLKFLSBUF", "fadvise": "posix_fadvise",
               "helper": "BLKFLSBUF via blkcache-flush"}.get(result.method, result.method)
+    name = display(result.path) if label is None else label
     if after.cached is None:
-        return (f"{display(result.path)}: dropped with {method}; the kernel will not tell "
+        return (f"{name}: dropped with {method}; the kernel will not tell "
                 "this user whether pages remain (unknown)")
-    text = (f"{display(result.path)}: {_count(before.cached)} -> {after.cached} pages cached "
+    text = (f"{name}: {_count(before.cached)} -> {after.cached} pages cached "
             f"({format_size(after.page_size * (result.dropped or 0))} dropped with {method}, "
             f"{result.attempts} attempt{'s' if result.attempts != 1 else ''})")
     if after.cached:
@@ -387,8 +516,8 @@ def beyond_end_note(state):
                    "/run/blkcache): its cached pages, maybe the only copy, are lost.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-r", "--recursive", is_flag=True,
-              help="Also drop each device's partitions and the devices below it (a "
-                   "partition's disk, sysfs slaves).")
+              help="Also drop each device's partitions, the devices below it (a "
+                   "partition's disk, sysfs slaves) and above it (sysfs holders).")
 @output_options
 def drop(devices, offset, length, interface, method, expect_clean, retries, discard_failed,
          quiet, recursive, as_json):
@@ -401,18 +530,20 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, disc
     """
     from . import exitcodes
 
-    def action(target):
+    def action(target, label):
         result = target.drop(offset, length, method, expect_clean, retries, interface,
                              discard_failed)
         if result.warning and not quiet:
             error(f"warning: {display(result.path)}: {result.warning}")
         if not quiet and not as_json:
-            click.echo(drop_line(result))
+            click.echo(drop_line(result, label))
         return result, exitcodes.for_drop(result)
 
-    results, code = run_targets(devices, action, recursive)
+    results, code, devs = run_targets(devices, action, recursive, offset, length)
     if as_json:
-        emit_json("devices", [r.to_dict() for r in results])
+        emit_json("devices", [(r.to_dict(), rel) for r, rel in results], devs)
+    else:
+        devs.tell(quiet)
     return code
 
 
@@ -425,8 +556,8 @@ def drop(devices, offset, length, interface, method, expect_clean, retries, disc
                    "(O_DIRECT) and report stale ranges; exit 1 if any page is stale. "
                    "Adds no page to the cache and never writes.")
 @click.option("-r", "--recursive", is_flag=True,
-              help="Also each device's partitions and the devices below it (a "
-                   "partition's disk, sysfs slaves).")
+              help="Also each device's partitions, the devices below it (a "
+                   "partition's disk, sysfs slaves) and above it (sysfs holders).")
 @output_options
 def verify(devices, offset, length, interface, quiet, coherence, recursive, as_json):
     """Check that no page of each DEVICE is cached.
@@ -450,21 +581,23 @@ def verify(devices, offset, length, interface, quiet, coherence, recursive, as_j
     if coherence:
         return verify_coherence(devices, offset, length, quiet, recursive, as_json)
 
-    def action(target):
+    def action(target, label):
         check = target.verify(offset, length, interface)
         state = check.state
         if not quiet and not as_json:
             if check.verdict == "unknown":
-                click.echo(f"{display(state.path)}: unknown: {state.reason}")
+                click.echo(f"{label}: unknown: {state.reason}")
             else:
-                click.echo(f"{display(state.path)}: {check.verdict}: {state.cached} of "
+                click.echo(f"{label}: {check.verdict}: {state.cached} of "
                            f"{state.pages} pages ({format_size(state.cached_bytes)}) cached"
                            + beyond_end_note(state))
         return check, exitcodes.for_verdict(check.verdict)
 
-    checks, code = run_targets(devices, action, recursive)
+    checks, code, devs = run_targets(devices, action, recursive, offset, length)
     if as_json:
-        emit_json("devices", [c.to_dict() for c in checks])
+        emit_json("devices", [(c.to_dict(), rel) for c, rel in checks], devs)
+    else:
+        devs.tell(quiet)
     return code
 
 
@@ -547,7 +680,7 @@ def _isatty(file):
 
 
 def expand_devices(paths):
-    """(device paths, codes): each path, its partitions and the devices below.
+    """(Related list, codes): each path and its related devices (stack.expand).
 
     Related devices without a node in /dev get one error line and code 5.
     """
@@ -560,7 +693,7 @@ def expand_devices(paths):
                   f"{display(rel.parent)}): no device node in /dev; not handled")
             codes.append(exitcodes.FAILURE)
         else:
-            out.append(rel.path)
+            out.append(rel)
     return out, codes
 
 
@@ -607,11 +740,11 @@ def render_status_extras(records):
                            "(permission)")
 
 
-def coherence_lines(report):
+def coherence_lines(report, label=None):
     """Text lines for one coherence report."""
     from .sizes import format_size
 
-    name = display(report.path)
+    name = display(report.path) if label is None else label
     if report.verdict == "unknown":
         return [f"{name}: unknown: {report.reason}"]
     head = {"coherent": f"coherent: {report.compared} cached pages match the device",
@@ -635,17 +768,19 @@ def verify_coherence(devices, offset, length, quiet, recursive, as_json):
     from . import exitcodes
     from .coherence import check
 
-    def action(target):
+    def action(target, label):
         with Progress(f"comparing {display(target.path)}", enabled=not as_json) as progress:
             report = check(target, offset, length, progress=progress)
         if not quiet and not as_json:
-            for line in coherence_lines(report):
+            for line in coherence_lines(report, label):
                 click.echo(line)
         return report, exitcodes.for_coherence(report)
 
-    reports, code = run_targets(devices, action, recursive)
+    reports, code, devs = run_targets(devices, action, recursive, offset, length)
     if as_json:
-        emit_json("devices", [r.to_dict() for r in reports])
+        emit_json("devices", [(r.to_dict(), rel) for r, rel in reports], devs)
+    else:
+        devs.tell(quiet)
     return code
 
 
@@ -810,7 +945,10 @@ def render_doctor(report):
     lines = [
         f"kernel:        Linux {report.kernel}, cachestat(2) "
         + {True: "available", False: "missing (mincore fallback)",
-           None: "unknown"}[report.cachestat_available],
+           None: "unknown"}[report.cachestat_available]
+        + ", disk sequence numbers "
+        + {True: "yes", False: "no (failure records block by major:minor)",
+           None: "unknown"}[report.diskseq],
         f"user:          {display(report.user)} (uid {report.uid}), "
         f"no_new_privs: {yes[report.no_new_privs]}",
         f"capabilities:  {cap_text}",
@@ -825,6 +963,10 @@ def render_doctor(report):
         lines.append(f"device:        {display(dev.path)}: {dev.kind}; cachestat "
                      f"{dev.cachestat}, mincore {dev.mincore}: status/verify give "
                      f"{verdict}; drop uses {dev.drop_method}")
+    lines.append(f"failures:      {len(report.failures) or 'none'} on record in "
+                 f"{display(report.state_dir)}")
+    for failure in report.failures:
+        lines.append(f"  - {failure_line(failure)}")
     if report.problems:
         lines.append("problems:")
         for problem in report.problems:
@@ -837,6 +979,96 @@ def render_doctor(report):
         lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
         lines.append(f"  {report.setcap_command}")
     return "\n".join(lines)
+
+
+# ---- failed write-back records (issue 10): blkcache failures ----------------
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_STATUS_HELP)
+@click.option("--clear", "clear", multiple=True, metavar="DEVICE",
+              help="Forget the failed write-back on record for DEVICE (its current "
+                   "instance); drops of it then go ahead.  Repeatable.")
+@click.option("--prune", is_flag=True,
+              help="Remove the stale records: their device instance is gone (detached, "
+                   "re-attached), so they block nothing.")
+@output_options
+def failures(clear, prune, as_json):
+    """List the failed write-backs on record, or clear them without a drop.
+
+    A failed write-back is recorded per device instance (major:minor and the
+    kernel's disk sequence number); while a record is live, 'drop' of that
+    device refuses (exit 5).  STATE: live (the instance exists: drops
+    refuse), stale (it is gone: blocks nothing; see --prune), unknown (no
+    disk sequence number to tell: it blocks every device with that number).
+    """
+    from . import exitcodes
+    from . import failures as records_mod
+    from .errors import BlkcacheError
+
+    try:
+        if clear or prune:
+            done = records_mod.clear_paths(clear) + \
+                (records_mod.prune() if prune else [])
+            if as_json:
+                click.echo(json.dumps({"removed": [f.to_dict() for f in done]}, indent=2))
+            else:
+                for failure in done:
+                    click.echo(f"removed {display(failure.record)} ({display(failure.path)}, "
+                               f"{failure.state or 'cleared'})")
+                if not done:
+                    click.echo("no record removed")
+            return exitcodes.OK
+        found = records_mod.records()
+    except (OSError, BlkcacheError) as exc:
+        error(describe(exc))
+        return exitcodes.for_error(exc)
+    if as_json:
+        click.echo(json.dumps({"directory": records_mod.state_dir(),
+                               "failures": [f.to_dict() for f in found]}, indent=2))
+    elif found:
+        click.echo(render_failures(found))
+    else:
+        click.echo(f"no failed write-back on record ({display(records_mod.state_dir())})")
+    return exitcodes.OK
+
+
+def render_failures(found):
+    """A table of failure records: STATE WHEN ERROR PAGES RDEV DISKSEQ PATH."""
+    import errno as errno_mod
+    import time
+
+    rows = [("STATE", "WHEN", "ERROR", "PAGES", "RDEV", "DISKSEQ", "PATH")]
+    for f in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.when)) if f.when else "?"
+        seq = f.key.seq if f.key is not None and f.key.seq is not None else "-"
+        path = display(f.path) if f.problem is None else \
+            f"{display(f.record)} (cannot be read: {display(f.problem)})"
+        rows.append((f.state or "?", when, errno_mod.errorcode.get(f.errno, str(f.errno)),
+                     "?" if f.dirty is None else str(f.dirty),
+                     f.key.rdev if f.key is not None else "?", str(seq), path))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    return "\n".join(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[6]
+                     for row in rows)
+
+
+def failure_line(failure):
+    """One record, for doctor: device, when, errno, pages, state."""
+    import time
+
+    key = failure.key
+    device = f"{display(failure.path)} ({key.rdev if key else '?'}"
+    device += f", diskseq {key.seq})" if key is not None and key.seq is not None else ")"
+    if failure.problem is not None:
+        head = f"{display(failure.record)}: cannot be read ({display(failure.problem)})"
+    else:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.when))
+        head = (f"{device}: {stamp}, {os.strerror(failure.errno)}, "
+                f"{_count(failure.dirty)} pages were dirty")
+    state = {"live": "live: drop refuses until --discard-failed",
+             "stale": "stale: that device instance is gone, it blocks nothing "
+                      "(blkcache failures --prune)",
+             "unknown": "unknown: no disk sequence number to tell; it blocks"}
+    return f"{head}; {state.get(failure.state, failure.state)}"
 
 
 def main(args=None, prog_name="blkcache"):

@@ -14,17 +14,20 @@
       could not be compared
   5   failure: permission denied, I/O error, failed write-back (nothing
       dropped; also while an earlier one is on record, see
-      blkcache.failures), drop method unavailable, device gone
+      blkcache.failures; or the record's directory is not trusted),
+      drop method unavailable, device gone, output not delivered
   32  several devices given and every one failed (5)
   64  several devices given and some failed (5)
 """
 
 from .errors import (
     BlkcacheError,
+    BusyError,
     CannotTellError,
     DirtyPagesError,
     NOT_FOUND_ERRNOS,
     MethodUnavailableError,
+    StateDirError,
     WritebackFailedBefore,
 )
 
@@ -38,8 +41,9 @@ ALL_FAILED = 32
 SOME_FAILED = 64
 INTERRUPTED = 130
 
-# When several devices give different answers, the worse one wins.
-_SEVERITY = (OK, RESIDENT, UNKNOWN, DIRTY, FAILURE)
+# When several devices give different answers, the worse one wins (bad input
+# on one device, found only once it was reached, ranks above every verdict).
+_SEVERITY = (OK, RESIDENT, UNKNOWN, DIRTY, USAGE, FAILURE)
 
 
 def for_state(state):
@@ -61,7 +65,8 @@ def for_error(exc):
         return DIRTY
     if isinstance(exc, CannotTellError):
         return UNKNOWN
-    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore)):
+    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, StateDirError,
+                        BusyError)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE
@@ -82,7 +87,11 @@ def combine(codes):
         return ALL_FAILED
     if failed:
         return SOME_FAILED
-    return max(codes, key=_SEVERITY.index)
+    return max(codes, key=_rank)
+
+
+def _rank(code):
+    return _SEVERITY.index(code) if code in _SEVERITY else len(_SEVERITY)
 
 
 def for_coherence(report):
