@@ -46,7 +46,9 @@ Exit status:
   4   drop --expect-clean refused: dirty pages found, nothing done;
       verify --coherence: dirty pages not compared (and none stale)
   5   failure: permission denied, I/O error, failed write-back (now or
-      on record: see --discard-failed), method unavailable, device gone
+      on record: see --discard-failed, 'blkcache failures'), state
+      directory not trusted, method unavailable, device gone, output not
+      delivered (standard output full or closed)
   32  several devices: all failed;  64  several devices: some failed"""
 
 
