@@ -434,7 +434,13 @@ def lookup(fd):
     can tell whether a failure is on record).
     """
     key = key_of(fd)
-    with _Records() as records:
+    try:
+        records = _Records()
+    except OSError as exc:
+        # Cannot look (permission...): not "no failure".
+        return Failure("?", 0, None, 0.0, exc.filename or state_dir(),
+                       exc.strerror or str(exc), key=key)
+    with records:
         if records.fd is None:
             return None             # the common case: cheap, and json not imported
         for name in key.names():
