@@ -364,9 +364,13 @@ class Failure:
             return (f"an earlier write-back of this device may have failed (record "
                     f"{self.record} cannot be read: {self.problem})")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.when))
+        scope = ""
+        if self.key is not None and self.key.kind == "block" and self.key.seq is None:
+            scope = (f"; recorded without a disk sequence number, so it may be about "
+                     f"another device that had the number {self.key.rdev}")
         return (f"an earlier write-back of this device failed ({os.strerror(self.errno)}, "
                 f"{'?' if self.dirty is None else self.dirty} pages were dirty, "
-                f"{stamp}, via {self.path}; record {self.record})")
+                f"{stamp}, via {self.path}; record {self.record}{scope})")
 
     def to_dict(self):
         key = self.key

@@ -18,6 +18,7 @@ import blkcache
 import cliproc
 import kernel
 import needs
+from test_recursive import partitioned  # noqa: F401
 from test_faults import _image_on, mounted
 
 MiB = 1 << 20
@@ -211,7 +212,9 @@ def test_a_record_without_instance_still_blocks_its_number(loopdev, tmp_path):
     assert failures.key_of(loopdev.fd).names()[1] == legacy
     before = kernel.cachestat(loopdev.fd)["nr_cache"]
     code, out, err = cliproc.run("drop", loopdev)
-    assert (code, out) == (5, "") and f"record {records / legacy}" in err
+    assert (code, out) == (5, "") and f"record {records / legacy};" in err
+    assert ("recorded without a disk sequence number, so it may be about another device "
+            f"that had the number {os.major(rdev)}:{os.minor(rdev)}") in err
     assert kernel.cachestat(loopdev.fd)["nr_cache"] > before // 2
     code, out, _ = cliproc.run("doctor", "-J")
     [unknown] = json.loads(out)["failures"]
@@ -288,3 +291,24 @@ def test_a_record_that_cannot_be_removed_after_a_discarding_drop_is_a_warning(
         assert os.listdir(records) == [name]
     finally:
         cliproc.umount(str(records))
+
+
+def test_a_partition_record_lives_as_long_as_its_disk_instance(partitioned, loops):
+    """A partition has its disk's sequence number: its record is live (and
+    refuses) while that disk instance is attached."""
+    from blkcache import failures
+
+    disk, p1, _ = partitioned
+    fd = loops.hold(p1)
+    key = failures.key_of(fd)
+    with open(f"/sys/block/{os.path.basename(disk)}/diskseq") as f:
+        assert key.seq == int(f.read())
+    assert key.rdev == f"{os.major(os.stat(p1).st_rdev)}:{os.minor(os.stat(p1).st_rdev)}"
+    records = os.path.join(os.environ["BLKCACHE_STATE_DIR"], "writeback-failed")
+    os.makedirs(records)
+    with open(os.path.join(records, key.name), "w") as f:
+        json.dump({"path": p1, "errno": errno.EIO, "dirty": 1, "when": 1.0e9}, f)
+    code, out, _ = cliproc.run("failures", "-J")
+    assert [r["state"] for r in json.loads(out)["failures"]] == ["live"]
+    code, out, err = cliproc.run("drop", p1)
+    assert code == 5 and "an earlier write-back of this device failed" in err
