@@ -496,12 +496,14 @@ class Target:
         a warning if it cannot be removed (the drop itself succeeded)."""
         try:
             failures.clear(self.fd)
-        except (OSError, StateDirError) as exc:
-            where = getattr(exc, "filename", None) or getattr(exc, "path", None)
-            reason = getattr(exc, "strerror", None) or getattr(exc, "message", str(exc))
-            return (f"the record {failure.record} could not be removed ({reason}: {where}); "
-                    "later drops refuse until it is (blkcache failures --clear)")
-        return None
+        except StateDirError as exc:
+            reason = f"{exc.path}: {exc.message}"
+        except OSError as exc:
+            reason = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            return None
+        return (f"the record {failure.record} could not be removed ({reason}); "
+                "later drops refuse until it is (blkcache failures --clear)")
 
     def _drop_locked(self, rng, method, expect_clean, retries, interface, discard_failed):
         failure, record_warning = self._failure_on_record(discard_failed)

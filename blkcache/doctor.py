@@ -178,12 +178,9 @@ def failure_records():
         if failure.problem is not None:
             what = f"record {failure.record} cannot be read ({failure.problem})"
         else:
-            what = f"{failure.describe()}"
-        scope = ("" if failure.state == "live" else
-                 "; without a disk sequence number it blocks every device "
-                 f"{failure.key.rdev if failure.key else ''}")
+            what = failure.describe()
         problems.append(Problem(
-            failure.path, f"{what}: drop refuses{scope}",
+            failure.path, f"{what}: drop refuses",
             "save what is needed from the cache, then "
             f"blkcache drop --discard-failed {quoted} (or blkcache failures --clear {quoted})"))
     return tuple(found), problems

@@ -285,7 +285,7 @@ def test_a_record_that_cannot_be_removed_after_a_discarding_drop_is_a_warning(
         line = cliproc.one_error_line(err)
         assert code == 0, err
         assert line.startswith(f"blkcache: warning: {loopdev}: the record ")
-        assert "could not be removed (Read-only file system" in line
+        assert f"could not be removed ({records / name}: Read-only file system)" in line
         assert "-> 0 pages cached" in out
         assert kernel.cachestat(loopdev.fd)["nr_cache"] == 0
         assert os.listdir(records) == [name]
