@@ -19,13 +19,13 @@ def _cap_mask(field):
 def effective_caps():
     """The effective capability set as an int bit mask."""
     try:
-        from ._native import ffi, lib
+        from . import native
     except ImportError:
         return _cap_mask("CapEff")
-    mask = ffi.new("uint64_t *")
-    if lib.blkcache_effective_caps(mask) != 0:
+    try:
+        return native.effective_caps()
+    except OSError:
         return _cap_mask("CapEff")
-    return mask[0]
 
 
 def has_cap(cap):

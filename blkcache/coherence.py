@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ._native import ffi, lib
-from .errors import from_errno
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+from . import native
+from .constants import PAGE_SIZE
+from .residency import UNKNOWN_REASON
+from .sizes import page_ceil
 
 #: Residency is mapped in windows of this many bytes (mincore vector: 32 KiB).
 WINDOW = 128 << 20
@@ -119,24 +119,13 @@ def resident_runs(target, offset, length, window=WINDOW):
     that window.  Memory is bounded by one window's vector.  Raises
     PermissionError (EPERM) when the kernel would not tell the truth.
     """
-    end = min(offset + length, -(-target.size // PAGE_SIZE) * PAGE_SIZE)
+    end = min(offset + length, page_ceil(target.size))
     pos = offset
     cap = window // PAGE_SIZE // 2 + 1
-    runs = ffi.new("uint64_t[]", 2 * cap)
-    nruns = ffi.new("uint64_t *")
     while pos < end:
         wlen = min(window, end - pos)
-        if lib.blkcache_resident_runs(target.fd, pos, wlen, runs, cap, nruns) != 0:
-            raise from_errno(ffi.errno, target.path)
-        yield pos, wlen, [(runs[2 * i], runs[2 * i + 1]) for i in range(nruns[0])]
+        yield pos, wlen, native.resident_runs(target.fd, pos, wlen, cap, target.path)
         pos += wlen
-
-
-def _cachestat(fd, offset, length, path):
-    st = ffi.new("struct blkcache_stat *")
-    if lib.blkcache_cachestat(fd, offset, length, st) != 0:
-        raise from_errno(ffi.errno, path)
-    return st
 
 
 def _split(offset, length, size):
@@ -168,8 +157,7 @@ class _Scan:
             os.close(self.map_fd)
             raise
         self.cached = bytearray(CHUNK)
-        self.cached_c = ffi.from_buffer(self.cached)
-        self.vec = ffi.new("unsigned char[]", CHUNK // PAGE_SIZE)
+        self.vec = bytearray(CHUNK // PAGE_SIZE)
         self.direct = mmap.mmap(-1, CHUNK + 2 * self.unit)  # page aligned
 
     def close(self):
@@ -180,13 +168,13 @@ class _Scan:
     def dirty_pages(self, offset, length):
         """The set of page offsets in the range that are dirty or under write-back."""
         path = self.target.path
-        st = _cachestat(self.map_fd, offset, length, path)
-        if not (st.nr_dirty or st.nr_writeback):
+        _, dirty, writeback, _, _ = native.cachestat(self.map_fd, offset, length, path)
+        if not (dirty or writeback):
             return set()
         out = set()
         for page, _ in _split(offset, length, PAGE_SIZE):
-            one = _cachestat(self.map_fd, page, PAGE_SIZE, path)
-            if one.nr_dirty or one.nr_writeback:
+            _, dirty, writeback, _, _ = native.cachestat(self.map_fd, page, PAGE_SIZE, path)
+            if dirty or writeback:
                 out.add(page)
         return out
 
@@ -207,15 +195,14 @@ class _Scan:
     def chunk(self, offset, length):
         size = self.target.size
         # Pages past the end of the device cannot be mapped: stop at its end.
-        length = min(length, -(-size // PAGE_SIZE) * PAGE_SIZE - offset)
+        length = min(length, page_ceil(size) - offset)
         npages = length // PAGE_SIZE
         dirty = self.dirty_pages(offset, length)
-        if lib.blkcache_read_resident(self.map_fd, offset, length, self.cached_c,
-                                      self.vec) != 0:
-            raise from_errno(ffi.errno, self.target.path)
+        native.read_resident(self.map_fd, offset, length, self.cached, self.vec,
+                             self.target.path)
         if not dirty and length % self.unit == 0 and offset % self.unit == 0 \
                 and offset + length <= size \
-                and b"\0" not in ffi.buffer(self.vec, npages)[:]:
+                and b"\0" not in self.vec[:npages]:
             # Fast path: every page resident and clean; one comparison.
             n = self.read_direct(offset, length)
             if n == length and self.cached[:length] == self.direct[:length]:
@@ -239,7 +226,7 @@ class _Scan:
         first = offset + wanted[0] * PAGE_SIZE
         last = offset + (wanted[-1] + 1) * PAGE_SIZE
         start = first // unit * unit
-        stop = -(-last // unit) * unit
+        stop = page_ceil(last, unit)
         # One direct read spanning the compared pages, split around dirty units.
         pieces, pos = [], start
         for du in sorted(u for u in dirty_units if start <= u < stop):
@@ -300,21 +287,17 @@ def check(target, offset=0, length=None, progress=None, rng=None):
         return Coherence(verdict="coherent", resident=0, **base)
     # Dirty pages are told by cachestat(2) only; without it, cannot tell.
     try:
-        _cachestat(target.fd, rng.offset, rng.length, target.path)
+        native.cachestat(target.fd, rng.offset, rng.length, target.path)
     except OSError as exc:
         if exc.errno == errno.ENOSYS:
             return unknown("the kernel has no cachestat(2) (Linux 6.5) to tell dirty "
                            "pages, which a direct read would write back")
         if exc.errno == errno.EPERM:
-            from .api import UNKNOWN_REASON
             return unknown(UNKNOWN_REASON)
         raise
     lbs = PAGE_SIZE
     if target.kind == "block":
-        out = ffi.new("unsigned int *")
-        if lib.blkcache_logical_block_size(target.fd, out) != 0:
-            raise from_errno(ffi.errno, target.path)
-        lbs = out[0] or 512
+        lbs = native.logical_block_size(target.fd, target.path) or 512
     try:
         scan = _Scan(target, lbs)
     except OSError as exc:
@@ -334,7 +317,6 @@ def check(target, offset=0, length=None, progress=None, rng=None):
         except PermissionError as exc:
             if exc.errno != errno.EPERM:
                 raise
-            from .api import UNKNOWN_REASON
             return unknown(UNKNOWN_REASON, logical_block_size=lbs)
     finally:
         scan.close()
@@ -355,7 +337,7 @@ def check(target, offset=0, length=None, progress=None, rng=None):
 
 def coherence(path, offset=0, length=None, progress=None):
     """Open ``path`` and run check() on it."""
-    from .api import Target
+    from .target import Target
 
     with Target(path) as target:
         return check(target, offset, length, progress)

@@ -86,7 +86,7 @@ def _user_name(uid):
 
 def cachestat_available():
     """Whether the kernel has cachestat(2): probed on a memfd this process owns."""
-    from ._native import ffi, lib
+    from . import native
 
     try:
         fd = os.memfd_create("blkcache-probe", os.MFD_CLOEXEC)
@@ -95,10 +95,11 @@ def cachestat_available():
             fd = os.dup(f.fileno())
     try:
         os.ftruncate(fd, 4096)
-        st = ffi.new("struct blkcache_stat *")
-        if lib.blkcache_cachestat(fd, 0, 4096, st) == 0:
-            return True
-        return False if ffi.errno == errno.ENOSYS else None
+        try:
+            native.cachestat(fd, 0, 4096)
+        except OSError as exc:
+            return False if exc.errno == errno.ENOSYS else None
+        return True
     finally:
         os.close(fd)
 

@@ -82,6 +82,17 @@ class BusyError(BlkcacheError):
     nothing was dropped."""
 
 
+class MissingNodeError(BlkcacheError):
+    """A device found by a recursive expansion (a partition, the disk, a
+    sysfs slave) that has no node in /dev: it cannot be opened, so it was not
+    handled.  ``related`` is the blkcache.stack.Related."""
+
+    def __init__(self, related):
+        super().__init__(f"{related.name} ({related.rdev}, {related.relation} of "
+                         f"{related.parent}): no device node in /dev; not handled")
+        self.related = related
+
+
 class WritebackError(OSError):
     """Writing dirty pages back failed: nothing was dropped.
 

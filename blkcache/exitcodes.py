@@ -1,32 +1,18 @@
 """Exit codes of the blkcache command, computed here and nowhere else.
 
-  0   success; verify: the range is known to hold no cached page;
-      verify --coherence: every clean cached page matches the device
-  1   pages remain cached (verify found some; drop could not drop them all);
-      verify --coherence: stale pages (cached bytes differ from the device);
-      watch --until-empty: pages still cached when it stopped
-  2   usage error or bad input: unknown option, bad size or range, missing
-      path, not a block device or regular file, too many devices
-  3   unknown: the kernel will not tell this user (cachestat EPERM,
-      restricted mincore); never reported as clean
-  4   drop --expect-clean refused: dirty or writeback pages; nothing done;
-      verify --coherence: no stale page, but dirty or writeback pages that
-      could not be compared
-  5   failure: permission denied, I/O error, failed write-back (nothing
-      dropped; also while an earlier one is on record, see
-      blkcache.failures; or the record's directory is not trusted),
-      drop method unavailable, device gone, output not delivered
-  32  several devices given and every one failed (5)
-  64  several devices given and some failed (5)
+TABLE is the one description of each code: ``blkcache --help`` prints it
+(help_text()), and tests/test_exitcodes.py holds the EXIT STATUS section of
+man/blkcache.8 and README.md to it.
 """
 
 from .errors import (
+    NOT_FOUND_ERRNOS,
     BlkcacheError,
     BusyError,
     CannotTellError,
     DirtyPagesError,
-    NOT_FOUND_ERRNOS,
     MethodUnavailableError,
+    MissingNodeError,
     StateDirError,
     WritebackFailedBefore,
 )
@@ -40,6 +26,41 @@ FAILURE = 5
 ALL_FAILED = 32
 SOME_FAILED = 64
 INTERRUPTED = 130
+
+#: Every documented exit code and what it means, in the lines --help prints.
+TABLE = (
+    (OK, ("success; verify: no page of the range is cached;",
+          "verify --coherence: every clean cached page matches the device")),
+    (RESIDENT, ("pages remain cached (verify found some, drop could not drop all);",
+                "verify --coherence: stale pages;",
+                "watch --until-empty: pages remain")),
+    (USAGE, ("usage error or bad input (option, size, range, path, file type,",
+             "too many devices); nothing changed")),
+    (UNKNOWN, ('unknown: the kernel will not tell this user; never "clean"',)),
+    (DIRTY, ("drop --expect-clean refused: dirty pages found, nothing done;",
+             "verify --coherence: dirty pages not compared (and none stale)")),
+    (FAILURE, ("failure: permission denied, I/O error, failed write-back (now or",
+               "on record: see --discard-failed and blkcache failures), state",
+               "directory not trusted, method unavailable, device gone, output",
+               "not delivered (standard output full or closed)")),
+    (ALL_FAILED, ("several devices: all failed (5)",)),
+    (SOME_FAILED, ("several devices: some failed (5)",)),
+)
+
+
+def meaning(code):
+    """What exit code ``code`` means, on one line."""
+    return " ".join(dict(TABLE)[code])
+
+
+def help_text():
+    """The "Exit status" block of --help (click keeps a block after \\b as is)."""
+    lines = ["\b", "Exit status:"]
+    for code, text in TABLE:
+        lines.append(f"  {code:<4}{text[0]}")
+        lines += [" " * 6 + line for line in text[1:]]
+    return "\n".join(lines)
+
 
 # When several devices give different answers, the worse one wins (bad input
 # on one device, found only once it was reached, ranks above every verdict).
@@ -65,8 +86,8 @@ def for_error(exc):
         return DIRTY
     if isinstance(exc, CannotTellError):
         return UNKNOWN
-    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, StateDirError,
-                        BusyError)):
+    if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, MissingNodeError,
+                        StateDirError, BusyError)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE
@@ -92,6 +113,22 @@ def combine(codes):
 
 def _rank(code):
     return _SEVERITY.index(code) if code in _SEVERITY else len(_SEVERITY)
+
+
+def for_result(result):
+    """The code for a result of the API: a CacheState or StatusReport (status),
+    Verification, DropResult or Coherence report."""
+    from .results import CacheState, DropResult, StatusReport, Verification
+
+    if isinstance(result, CacheState):
+        return for_state(result)
+    if isinstance(result, StatusReport):
+        return for_state(result.state)
+    if isinstance(result, Verification):
+        return for_verdict(result.verdict)
+    if isinstance(result, DropResult):
+        return for_drop(result)
+    return for_coherence(result)
 
 
 def for_coherence(report):

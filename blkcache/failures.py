@@ -42,6 +42,7 @@ import stat
 import time
 
 from .errors import BusyError, StateDirError
+from .sysfs import SYSFS
 
 DEFAULT_STATE_DIR = "/run/blkcache"
 RECORDS = "writeback-failed"
@@ -51,7 +52,6 @@ RECORD_MODE = 0o644
 MAX_RECORD = 64 << 10
 #: How long drop() waits for another drop of the same device (seconds).
 LOCK_TIMEOUT = 60.0
-SYSFS = "/sys"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -121,15 +121,14 @@ class Key:
 def disk_seq(fd):
     """The disk sequence number of the block device behind fd, or None when
     the kernel has none (before Linux 5.15)."""
-    from ._native import ffi, lib
+    from . import native
 
-    seq = ffi.new("uint64_t *")
-    if lib.blkcache_disk_seq(fd, seq) != 0:
-        err = ffi.errno
-        if err in _NO_DISKSEQ:
+    try:
+        return native.disk_seq(fd)
+    except OSError as exc:
+        if exc.errno in _NO_DISKSEQ:
             return None
-        raise OSError(err, os.strerror(err))
-    return int(seq[0])
+        raise
 
 
 def key_of(fd):

@@ -18,6 +18,8 @@ import stat
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
+from .sysfs import dev_dir, dev_path, listdir, rdev_of
+
 
 @dataclass(frozen=True)
 class ProcessHolder:
@@ -192,43 +194,9 @@ def mount_holders(rdev, mountinfo="/proc/self/mountinfo"):
     return tuple(out)
 
 
-def dev_path(name, rdev=None):
-    """/dev/NAME if that node is the device (by st_rdev when known), else None."""
-    for candidate in (f"/dev/{name}", f"/dev/{name.replace('!', '/')}"):
-        try:
-            st = os.stat(candidate)
-        except OSError:
-            continue
-        if stat.S_ISBLK(st.st_mode) and (rdev is None or st.st_rdev == rdev):
-            return candidate
-    if rdev is not None:
-        candidate = f"/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-        try:
-            st = os.stat(candidate)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
-                return os.path.realpath(candidate)
-        except OSError:
-            pass
-    return None
-
-
-def _sysfs_rdev(name, sysfs="/sys"):
-    try:
-        with open(f"{sysfs}/class/block/{name}/dev", encoding="ascii") as f:
-            major, minor = f.read().strip().split(":")
-        return os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return None
-
-
 def stacked_holders(rdev, sysfs="/sys"):
-    base = f"{sysfs}/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders"
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return ()
-    return tuple(StackedHolder(name, dev_path(name, _sysfs_rdev(name, sysfs)))
-                 for name in names)
+    return tuple(StackedHolder(name, dev_path(name, rdev_of(name, sysfs)))
+                 for name in listdir(f"{dev_dir(rdev, sysfs)}/holders"))
 
 
 def holders_of(target):
@@ -252,5 +220,4 @@ def holders(path):
 
 
 __all__ = ["Holders", "ProcessHolder", "MountHolder", "StackedHolder", "holders",
-           "holders_of", "process_holders", "mount_holders", "stacked_holders",
-           "dev_path"]
+           "holders_of", "process_holders", "mount_holders", "stacked_holders"]

@@ -17,11 +17,11 @@ import errno
 import os
 import shlex
 import struct
-import subprocess
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 from . import caps
+from .constants import METHODS
 from .errors import HelperError, MethodUnavailableError
 
 HELPER_NAME = "blkcache-flush"
@@ -194,6 +194,8 @@ def probe_helper(path):
     when the kernel withheld it (nosuid mount, no_new_privs, user namespace,
     a security module...).  None when the answer is neither.
     """
+    import subprocess
+
     try:
         proc = subprocess.run([path, "fd:0"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={},
@@ -319,6 +321,40 @@ def fallback_warning(choice=None):
     return text + (f"; fix: {choice.fix}" if choice.fix else "")
 
 
+def choose_method(target, method, rng):
+    """(method to use, warning or None) for dropping ``rng`` of ``target`` (an
+    open blkcache.target.Target) with ``method``; "auto" picks one.
+
+    The warning is set when auto falls back to posix_fadvise on a whole block
+    device; the helper is probed once for both answers.  A method that cannot
+    work raises MethodUnavailableError, with the fix.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    if method == "fadvise":
+        return method, None
+    whole = target.kind == "block" and rng.whole(target.size)
+    if method == "auto":
+        if not whole:
+            return "fadvise", None
+        choice = auto_method()
+        if choice.method == "fadvise":
+            return choice.method, fallback_warning(choice)
+        return choice.method, None
+    if target.kind != "block":
+        raise MethodUnavailableError("BLKFLSBUF works on block devices only", target.path,
+                                     fix="use --method fadvise")
+    if not whole:
+        raise MethodUnavailableError("BLKFLSBUF drops the whole device, not a range",
+                                     target.path, fix="drop a range with --method fadvise")
+    if method == "helper":
+        require_helper(target.path)
+    elif not caps.has_sys_admin():
+        raise MethodUnavailableError("BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
+                                     target.path, fix=ioctl_fix())
+    return method, None
+
+
 def require_helper(path_for_errors=None):
     """HelperStatus of a usable helper, or MethodUnavailableError with the fix."""
     helper = helper_status()
@@ -330,17 +366,10 @@ def require_helper(path_for_errors=None):
 
 # -- running the helper -----------------------------------------------------------
 
-_STRERRORS = None
-
-
-def _errno_of(text):
-    """The errno whose strerror ends ``text`` (the helper prints strerror), or None."""
-    global _STRERRORS
-    if _STRERRORS is None:
-        _STRERRORS = {}
-        for err in range(1, 200):
-            _STRERRORS.setdefault(os.strerror(err), err)
-    return _STRERRORS.get(text.rsplit(": ", 1)[-1].strip())
+def _errno_of(output):
+    """The errno the helper printed on stdout (one decimal line), or None."""
+    text = output.decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
 
 
 def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
@@ -351,11 +380,13 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
     MethodUnavailableError (capability missing), OSError with the errno the
     helper reported, or HelperError.
     """
+    import subprocess
+
     helper = helper or helper_path()
     try:
         proc = subprocess.run([helper, f"fd:{fd}"], pass_fds=(fd,), env={}, cwd="/",
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout, check=False)
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise HelperError(f"{HELPER_NAME} did not finish within {timeout} s", path) \
             from None
@@ -368,7 +399,7 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
     message = lines[-1] if lines else f"exit status {proc.returncode}, no message"
     prefix = HELPER_NAME + ": "
     detail = message[len(prefix):] if message.startswith(prefix) else message
-    err = _errno_of(detail) if proc.returncode == 1 else None
+    err = _errno_of(proc.stdout) if proc.returncode == 1 else None
     if err == errno.EPERM and "CAP_SYS_ADMIN" in detail:
         raise MethodUnavailableError(f"{HELPER_NAME}: {detail}", path,
                                      fix=setcap_command(helper))
@@ -380,4 +411,4 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
 
 __all__ = ["HELPER_NAME", "FileCaps", "HelperStatus", "MethodChoice", "auto_method",
            "cap_names", "decode_file_caps", "file_caps", "helper_path", "helper_status",
-           "no_new_privs", "run_helper", "setcap_command", "fallback_warning"]
+           "no_new_privs", "run_helper", "setcap_command", "fallback_warning", "choose_method"]

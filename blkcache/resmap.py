@@ -9,6 +9,9 @@ Rendered like vmtouch -v: ' ' nothing cached, 'o' part, 'O' all, '?' unknown.
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from .constants import PAGE_SIZE
+from .ranges import Range
+
 DEFAULT_WIDTH = 64
 
 
@@ -43,8 +46,6 @@ class ResidencyMap:
 def residency_map(target, offset=0, length=None, width=DEFAULT_WIDTH,
                   interface="auto", progress=None, rng=None):
     """ResidencyMap of an open api.Target; progress(done, total) per bucket."""
-    from .api import PAGE_SIZE, Range
-
     if rng is None:
         rng = target.range(offset, length)
     pages = rng.pages

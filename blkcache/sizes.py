@@ -2,12 +2,12 @@
 
 import re
 
+from .constants import MAX_SIZE, PAGE_SIZE
 from .errors import UsageError
 
 _UNITS = "KMGTPEZY"
 _SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTPEZY])(iB|B)?|(B))?\s*$",
                       re.IGNORECASE | re.ASCII)
-MAX_SIZE = 2 ** 63 - 1
 
 
 def parse_size(text, what="size"):
@@ -63,3 +63,8 @@ def format_size(nbytes):
     if text == "1024" and exp < len(_UNITS):
         text, exp = "1", exp + 1
     return f"{text}{_UNITS[exp - 1]}"
+
+
+def page_ceil(nbytes, unit=PAGE_SIZE):
+    """``nbytes`` rounded up to a whole number of ``unit`` (a page)."""
+    return -(-nbytes // unit) * unit

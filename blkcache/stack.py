@@ -29,9 +29,8 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from .holders import dev_path
+from .sysfs import SYSFS, dev_path, listdir, name_of, rdev_of
 
-SYSFS = "/sys"
 MAX_DEPTH = 16
 RELATIONS = ("self", "partition", "disk", "slave", "holder")
 
@@ -56,35 +55,9 @@ class Related:
                 "relation": self.relation, "parent": self.parent, "depth": self.depth}
 
 
-def _read(path):
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _rdev_of(name, sysfs):
-    text = _read(f"{sysfs}/class/block/{name}/dev")
-    if not text or ":" not in text:
-        return None
-    major, minor = text.split(":", 1)
-    try:
-        return os.makedev(int(major), int(minor))
-    except ValueError:
-        return None
-
-
-def _listdir(path):
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
-
-
 def _partitions(name, sysfs):
     base = f"{sysfs}/class/block/{name}"
-    return [entry for entry in _listdir(base)
+    return [entry for entry in listdir(base)
             if os.path.exists(f"{base}/{entry}/partition")]
 
 
@@ -95,15 +68,6 @@ def _whole_disk(name, sysfs):
         return None
     parent = os.path.basename(os.path.dirname(os.path.realpath(base)))
     return parent if os.path.exists(f"{sysfs}/class/block/{parent}/dev") else None
-
-
-def sysfs_name(rdev, sysfs=None):
-    """The sysfs name (loop0, loop0p1, dm-0) of block device rdev, or None."""
-    sysfs = sysfs or SYSFS
-    link = f"{sysfs}/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-    if not os.path.exists(link):
-        return None
-    return os.path.basename(os.path.realpath(link))
 
 
 # Which relations are followed from a device reached as ...: "self" looks
@@ -126,9 +90,9 @@ def _neighbours(name, reached_as, sysfs, wanted):
         if disk:
             found.append((disk, "disk"))
     if "slave" in follow:
-        found += [(s, "slave") for s in _listdir(f"{base}/slaves")]
+        found += [(s, "slave") for s in listdir(f"{base}/slaves")]
     if "holder" in follow:
-        found += [(h, "holder") for h in _listdir(f"{base}/holders")]
+        found += [(h, "holder") for h in listdir(f"{base}/holders")]
     return found
 
 
@@ -137,7 +101,8 @@ def expand(path, sysfs=None, partitions=True, below=True, above=True):
 
     ``path`` must be a block device (anything else is returned alone, as
     "self").  Order: the device, then breadth first its partitions, its
-    disk (for a partition), its slaves and its holders.
+    disk (for a partition), its slaves and its holders.  ``sysfs`` defaults
+    to SYSFS.
     """
     sysfs = sysfs or SYSFS
     try:
@@ -147,7 +112,7 @@ def expand(path, sysfs=None, partitions=True, below=True, above=True):
     if not stat.S_ISBLK(st.st_mode):
         return [Related(path, os.path.basename(path), None, "self", None, 0)]
     rdev = st.st_rdev
-    name = sysfs_name(rdev, sysfs)
+    name = name_of(rdev, sysfs)
     majmin = f"{os.major(rdev)}:{os.minor(rdev)}"
     out = [Related(path, name or os.path.basename(path), majmin, "self", None, 0)]
     if name is None:
@@ -162,7 +127,7 @@ def expand(path, sysfs=None, partitions=True, below=True, above=True):
         if depth >= MAX_DEPTH:
             continue
         for child, relation in _neighbours(current, reached_as, sysfs, wanted):
-            child_rdev = _rdev_of(child, sysfs)
+            child_rdev = rdev_of(child, sysfs)
             if child_rdev is None or child_rdev in seen:
                 continue   # gone meanwhile, or seen already (cycle, diamond)
             seen.add(child_rdev)
@@ -200,4 +165,4 @@ def unchecked(paths, sysfs=None):
     return out
 
 
-__all__ = ["Related", "expand", "expand_all", "unchecked", "sysfs_name", "RELATIONS"]
+__all__ = ["Related", "expand", "expand_all", "unchecked", "RELATIONS"]

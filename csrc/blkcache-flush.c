@@ -60,7 +60,10 @@ static void put_escaped(const char *s)
     }
 }
 
-/* One line: "blkcache-flush: ARG: WHAT[: strerror(err)]". */
+/*
+ * One line on stderr, for people: "blkcache-flush: ARG: WHAT[: strerror(err)]".
+ * With an errno, also the number alone on stdout, for the program that ran us.
+ */
 static void fail(const char *arg, const char *what, int err)
 {
     fputs(PROG ": ", stderr);
@@ -72,6 +75,8 @@ static void fail(const char *arg, const char *what, int err)
     if (err != 0)
         fprintf(stderr, ": %s", strerror(err));
     fputc('\n', stderr);
+    if (err != 0)
+        printf("%d\n", err);
 }
 
 static int usage(void)

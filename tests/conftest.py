@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import kernel  # noqa: E402
+from test_recursive import partitioned  # noqa: E402,F401  (a disk with two partitions)
+from unprivileged import granted, nobody  # noqa: E402,F401  (fixtures for every module)
 
 REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
 MiB = 1 << 20

@@ -167,7 +167,8 @@ def test_two_hosts_scenario_end_to_end(loops):
 
 @pytest.mark.parametrize("args,code,message", [
     (["status"], 2, "blkcache: Missing argument 'DEVICE...' (try 'blkcache status --help')"),
-    (["status", "--bogus", "x"], 2, "blkcache: No such option '--bogus' (try 'blkcache status --help')"),
+    (["status", "--bogus", "x"], 2,
+     "blkcache: No such option '--bogus' (try 'blkcache status --help')"),
     (["frobnicate"], 2, "blkcache: No such command 'frobnicate' (try 'blkcache --help')"),
     (["status", "/nonexistent/dev"], 2, "blkcache: /nonexistent/dev: No such file or directory"),
     (["status", ""], 2, "blkcache: empty path"),

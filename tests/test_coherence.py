@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from blkcache import api, coherence
-from blkcache.cli import Progress
+from blkcache.cli.output import Progress
 
 import kernel
 

@@ -14,11 +14,11 @@ import sys
 import time
 
 import blkcache
+from blkcache._native import lib
 
 import cliproc
 import kernel
 import needs
-from test_recursive import partitioned  # noqa: F401
 from test_faults import _image_on, mounted
 
 MiB = 1 << 20
@@ -86,7 +86,7 @@ def test_without_the_record_the_kernel_would_let_a_second_drop_discard_the_data(
             else:
                 raise AssertionError("the first drop must fail")
             with blkcache.Target(device) as target:
-                rc = blkcache.api.lib.blkcache_datasync(target.fd)
+                rc = lib.blkcache_datasync(target.fd)
             assert rc == 0, "a new open file is not told of the earlier failure"
             # And the API refuses, with the failure it recorded.
             try:

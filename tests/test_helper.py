@@ -13,7 +13,7 @@ import pytest
 from blkcache import privilege
 
 import kernel
-from unprivileged import cached_loop, granted, node_mode, nobody  # noqa: F401
+from unprivileged import cached_loop, node_mode
 
 MiB = 1 << 20
 USAGE = "blkcache-flush: usage: blkcache-flush DEVICE | fd:N (exactly one argument)\n"

@@ -27,7 +27,8 @@ SECONDS = float(os.environ.get("BLKCACHE_LOAD_SECONDS", "20"))
 
 WRITER = r"""
 import json, os, random, sys, time
-device, size, chunk, seconds, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+device, out = sys.argv[1], sys.argv[5]
+size, chunk, seconds = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 def pattern(idx, rnd):
     return (b"%08x%08x" % (idx, rnd)) * (chunk // 16)
 fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)

@@ -15,7 +15,6 @@ from blkcache import exitcodes
 
 import cliproc
 import kernel
-from test_recursive import partitioned  # noqa: F401
 
 MiB = 1 << 20
 

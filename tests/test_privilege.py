@@ -5,6 +5,7 @@ not write them (0644), read and write them (0666) or not open them (0600).
 Page counts come from the raw cachestat(2) oracle in kernel.py, as root.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from blkcache import privilege
 from blkcache.errors import MethodUnavailableError
 
 import kernel
-from unprivileged import cached_loop, granted, node_mode, nobody  # noqa: F401
+from unprivileged import cached_loop, node_mode
 
 MiB = 1 << 20
 
@@ -385,10 +386,24 @@ def test_root_may_not_force_an_ungranted_helper(loopdev):
     assert info.value.fix == privilege.setcap_command()
 
 
-def test_errno_of_helper_messages():
-    assert privilege._errno_of("fd:3: BLKFLSBUF failed: Permission denied") == 13
-    assert privilege._errno_of("x: cannot open: No such device or address") == 6
-    assert privilege._errno_of("fd:3: not a block device") is None
+def test_the_helper_reports_its_errno_as_a_number(granted, loopdev):
+    """Its stderr line is for people; the errno goes to stdout, where run_helper
+    reads it (EPERM without the capability: MethodUnavailableError, not the
+    HelperError of a failure without an errno)."""
+    with node_mode(loopdev, 0o600):
+        proc = granted.run(granted.helper, loopdev)
+        assert (proc.returncode, proc.stdout) == (1, f"{errno.EACCES}\n")
+        assert proc.stderr == f"blkcache-flush: {loopdev}: cannot open: Permission denied\n"
+    code = ("import os, sys; from blkcache import privilege\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "try:\n"
+            "    privilege.run_helper(fd, sys.argv[1])\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc.fix == privilege.setcap_command())\n")
+    granted.revoke()
+    with node_mode(loopdev, 0o644):
+        proc = granted.py(code, loopdev)
+    assert (proc.returncode, proc.stdout) == (0, "MethodUnavailableError True\n"), proc.stderr
 
 
 def test_demo_without_root_says_what_it_needs_and_attaches_nothing(nobody):

@@ -25,7 +25,7 @@ import cliproc
 import kernel
 from test_failures import _failing_device, _release
 from test_faults import mounted
-from unprivileged import nobody, node_mode  # noqa: F401
+from unprivileged import node_mode
 
 MiB = 1 << 20
 NOBODY_UID = 65534

@@ -44,7 +44,7 @@ def _copy_tree(src, dst):
 
 
 def _world_readable(root):
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             path = os.path.join(dirpath, name)

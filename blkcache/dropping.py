@@ -1,0 +1,141 @@
+"""Drop the page cache of a range of an open target: write back, drop, verify,
+retry.  The method is chosen by blkcache.privilege.choose_method."""
+
+import time
+
+from . import failures, native
+from .constants import DEFAULT_RETRIES
+from .errors import (
+    CannotTellError,
+    DirtyPagesError,
+    StateDirError,
+    WritebackError,
+    WritebackFailedBefore,
+)
+from .results import DropResult
+
+_FIRST_DELAY = 0.01
+
+
+def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
+         interface="auto", discard_failed=False):
+    """DropResult of dropping ``rng`` of ``target``; see Target.drop.
+
+    The device's drop lock (failures.lock) is held from the look-up of a
+    failure on record to the end, so that the failure a concurrent drop's
+    sync was told of is on record before this one looks.
+    """
+    failures.lock(target.fd, target.path)
+    try:
+        return _drop_locked(target, rng, method, expect_clean, retries, interface,
+                            discard_failed)
+    finally:
+        failures.unlock(target.fd)
+
+
+def _failure_on_record(target, discard_failed):
+    """(Failure or None, warning or None); WritebackFailedBefore or
+    StateDirError when the drop must not go on."""
+    try:
+        failure = failures.lookup(target.fd)
+    except StateDirError as exc:
+        if not discard_failed:
+            raise StateDirError(
+                f"{exc.message}; cannot tell whether a failed write-back of "
+                f"{target.path} is on record, so nothing was dropped", exc.path,
+                exc.fix) from None
+        return None, f"{exc.path}: {exc.message}: no record consulted or removed"
+    if failure is not None and not discard_failed:
+        raise WritebackFailedBefore(
+            f"{failure.describe()}: its cached pages may be the only copy of that "
+            "data; nothing was dropped (save what is needed, then drop with "
+            "--discard-failed)", target.path, failure)
+    return failure, None
+
+
+def _forget(target, failure):
+    """Remove the record a completed --discard-failed drop made obsolete; a
+    warning if it cannot be removed (the drop itself succeeded)."""
+    try:
+        failures.clear(target.fd)
+    except StateDirError as exc:
+        reason = f"{exc.path}: {exc.message}"
+    except OSError as exc:
+        reason = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        return None
+    return (f"the record {failure.record} could not be removed ({reason}); "
+            "later drops refuse until it is (blkcache failures --clear)")
+
+
+def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_failed):
+    failure, record_warning = _failure_on_record(target, discard_failed)
+    from .privilege import choose_method
+
+    method, warning = choose_method(target, method, rng)
+    before = target.status(rng=rng, interface=interface)
+    if expect_clean:
+        _refuse_dirty(target, before)
+    attempts = 0
+    delay = _FIRST_DELAY
+    while True:
+        attempts += 1
+        _sync(target, rng, before, interface)
+        _drop_once(target, method, rng)
+        after = target.status(rng=rng, interface=interface)
+        if after.clean is not False or attempts > retries:
+            break
+        time.sleep(delay)
+        delay *= 2
+    if failure is not None:
+        record_warning = _forget(target, failure)
+    warning = "; ".join(w for w in (warning, record_warning) if w) or None
+    return DropResult(target.path, target.device, method, attempts, before, after, warning)
+
+
+def _refuse_dirty(target, before):
+    """expect_clean: raise unless ``before`` knows the range holds no dirty page."""
+    if before.dirty is None or before.writeback is None:
+        raise CannotTellError(
+            "cannot tell whether pages are dirty "
+            f"({before.reason or 'mincore(2) does not report dirty pages'}); "
+            "nothing was flushed or dropped", target.path, before)
+    if before.dirty or before.writeback:
+        raise DirtyPagesError(
+            f"{before.dirty} dirty and {before.writeback} writeback "
+            "pages on a device expected clean; nothing was flushed or dropped",
+            target.path, before)
+
+
+def _sync(target, rng, before, interface):
+    try:
+        native.datasync(target.fd)
+    except OSError as exc:
+        err = exc.errno
+    else:
+        return
+    # The kernel tells each open file once and marks the pages clean: record
+    # it at once (the drop lock keeps every other drop of this device
+    # waiting), or the next drop would discard the only copy.
+    try:
+        record, problem = failures.record(target.fd, target.path, err, before.dirty), None
+    except StateDirError as exc:
+        record, problem = None, f"{exc.path}: {exc.message}; fix: {exc.fix}"
+    except OSError as exc:
+        record, problem = None, f"{exc.strerror or exc}: {exc.filename}"
+    after = target.status(rng=rng, interface=interface)
+    raise WritebackError(err, target.path, before, after, record, problem)
+
+
+def _drop_once(target, method, rng):
+    if method == "helper":
+        from .privilege import run_helper
+
+        run_helper(target.fd, target.path)
+    elif method == "ioctl":
+        native.flush_buffers(target.fd, target.path)
+    else:
+        # Length 0 is "to the end of the cache": pages past the end of a device
+        # that shrank go too.
+        length = 0 if rng.to_end(target.size) else rng.length
+        native.drop_range(target.fd, rng.offset, length, target.path)
