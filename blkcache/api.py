@@ -69,13 +69,20 @@ class Batch:
         return [o.result for o in self.outcomes if o.error is None]
 
 
-def expand(paths):
+def expand(paths, sysfs=None):
     """Each path, then its partitions, the devices below and the devices
-    above it (blkcache.stack): a list of blkcache.stack.Related, or
-    MissingNodeError for one without a node in /dev."""
+    above it (blkcache.stack): a list of device paths, or MissingNodeError
+    for one without a node in /dev."""
+    return [item if isinstance(item, MissingNodeError) else item.path
+            for item in _related(paths, sysfs)]
+
+
+def _related(paths, sysfs=None):
+    """expand(), with a blkcache.stack.Related for each device found."""
     from . import stack
 
-    return [MissingNodeError(rel) if rel.missing else rel for rel in stack.expand_all(paths)]
+    return [MissingNodeError(rel) if rel.missing else rel
+            for rel in stack.expand_all(paths, sysfs)]
 
 
 def run(paths, action, recursive=False, report=None, code_of=exitcodes.for_result,
@@ -102,7 +109,7 @@ def run(paths, action, recursive=False, report=None, code_of=exitcodes.for_resul
     codes = []
     relations = {}
     if recursive:
-        for item in expand(paths):
+        for item in _related(paths):
             if isinstance(item, MissingNodeError):
                 done(None, None, item, exitcodes.FAILURE, item.related)
                 codes.append(exitcodes.FAILURE)

@@ -1,13 +1,14 @@
-"""Drop the page cache of a range of an open target: write back, drop, verify,
-retry.  The method is chosen by blkcache.privilege.choose_method."""
+"""Drop the page cache of a range of an open target: choose the method, write
+back, drop, verify, retry."""
 
 import time
 
-from . import failures, native
-from .constants import DEFAULT_RETRIES
+from . import caps, failures, native
+from .constants import DEFAULT_RETRIES, METHODS
 from .errors import (
     CannotTellError,
     DirtyPagesError,
+    MethodUnavailableError,
     StateDirError,
     WritebackError,
     WritebackFailedBefore,
@@ -70,8 +71,6 @@ def _forget(target, failure):
 
 def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_failed):
     failure, record_warning = _failure_on_record(target, discard_failed)
-    from .privilege import choose_method
-
     method, warning = choose_method(target, method, rng)
     before = target.status(rng=rng, interface=interface)
     if expect_clean:
@@ -91,6 +90,51 @@ def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_
         record_warning = _forget(target, failure)
     warning = "; ".join(w for w in (warning, record_warning) if w) or None
     return DropResult(target.path, target.device, method, attempts, before, after, warning)
+
+
+def choose_method(target, method, rng):
+    """(method to use, warning or None) for dropping ``rng`` of ``target``
+    with ``method``; "auto" picks ioctl, helper, fadvise (privilege.auto_method).
+
+    The warning is set when auto falls back to posix_fadvise on a whole block
+    device; the helper is probed once for both answers.  A method that cannot
+    work raises MethodUnavailableError, with the fix.  blkcache.privilege is
+    imported only when the helper or a fix is involved: it costs a fresh
+    process about 3 ms (its dataclasses; measured here), as much as BLKFLSBUF
+    of a cached GiB.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    if method == "fadvise":
+        return method, None
+    whole = target.kind == "block" and rng.whole(target.size)
+    if method == "auto":
+        if not whole:
+            return "fadvise", None
+        if caps.has_sys_admin():
+            return "ioctl", None            # what privilege.auto_method() says first
+        from . import privilege
+
+        choice = privilege.auto_method()
+        if choice.method == "fadvise":
+            return choice.method, privilege.fallback_warning(choice)
+        return choice.method, None
+    if target.kind != "block":
+        raise MethodUnavailableError("BLKFLSBUF works on block devices only", target.path,
+                                     fix="use --method fadvise")
+    if not whole:
+        raise MethodUnavailableError("BLKFLSBUF drops the whole device, not a range",
+                                     target.path, fix="drop a range with --method fadvise")
+    if method == "helper":
+        from . import privilege
+
+        privilege.require_helper(target.path)
+    elif not caps.has_sys_admin():
+        from . import privilege
+
+        raise MethodUnavailableError("BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
+                                     target.path, fix=privilege.ioctl_fix())
+    return method, None
 
 
 def _refuse_dirty(target, before):

@@ -1,19 +1,28 @@
 """Attach and detach loop devices with losetup(8), for the demo and tests."""
 
 import subprocess
+import time
 
 from .errors import BlkcacheError
 
 
-def _losetup(*args):
+def _run(*args):
     try:
-        proc = subprocess.run(["losetup", *args], capture_output=True, text=True,
+        return subprocess.run(["losetup", *args], capture_output=True, text=True,
                               timeout=60, check=False)
     except FileNotFoundError:
         raise BlkcacheError("losetup(8) not found (util-linux)") from None
+
+
+def _failed(args, proc):
+    msg = proc.stderr.strip().splitlines()
+    return BlkcacheError(f"losetup {' '.join(args)}: {msg[-1] if msg else 'failed'}")
+
+
+def _losetup(*args):
+    proc = _run(*args)
     if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()
-        raise BlkcacheError(f"losetup {' '.join(args)}: {msg[-1] if msg else 'failed'}")
+        raise _failed(args, proc)
     return proc.stdout.strip()
 
 
@@ -27,6 +36,13 @@ def attach(backing, read_only=False, partscan=False):
     return _losetup(*args, str(backing))
 
 
-def detach(device):
-    """Detach a loop device attached by attach()."""
-    _losetup("--detach", device)
+def detach(device, tries=50, pause=0.1):
+    """Detach a loop device attached by attach(), retrying while it is briefly
+    busy (a file system just unmounted, a reader just gone); one that is
+    already detached is fine."""
+    for _ in range(tries):
+        proc = _run("--detach", device)
+        if proc.returncode == 0 or "No such device" in proc.stderr:
+            return
+        time.sleep(pause)
+    raise _failed(("--detach", device), proc)

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from . import caps
-from .constants import METHODS
 from .errors import HelperError, MethodUnavailableError
 
 HELPER_NAME = "blkcache-flush"
@@ -321,40 +320,6 @@ def fallback_warning(choice=None):
     return text + (f"; fix: {choice.fix}" if choice.fix else "")
 
 
-def choose_method(target, method, rng):
-    """(method to use, warning or None) for dropping ``rng`` of ``target`` (an
-    open blkcache.target.Target) with ``method``; "auto" picks one.
-
-    The warning is set when auto falls back to posix_fadvise on a whole block
-    device; the helper is probed once for both answers.  A method that cannot
-    work raises MethodUnavailableError, with the fix.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}")
-    if method == "fadvise":
-        return method, None
-    whole = target.kind == "block" and rng.whole(target.size)
-    if method == "auto":
-        if not whole:
-            return "fadvise", None
-        choice = auto_method()
-        if choice.method == "fadvise":
-            return choice.method, fallback_warning(choice)
-        return choice.method, None
-    if target.kind != "block":
-        raise MethodUnavailableError("BLKFLSBUF works on block devices only", target.path,
-                                     fix="use --method fadvise")
-    if not whole:
-        raise MethodUnavailableError("BLKFLSBUF drops the whole device, not a range",
-                                     target.path, fix="drop a range with --method fadvise")
-    if method == "helper":
-        require_helper(target.path)
-    elif not caps.has_sys_admin():
-        raise MethodUnavailableError("BLKFLSBUF needs CAP_SYS_ADMIN, which this process lacks",
-                                     target.path, fix=ioctl_fix())
-    return method, None
-
-
 def require_helper(path_for_errors=None):
     """HelperStatus of a usable helper, or MethodUnavailableError with the fix."""
     helper = helper_status()
@@ -411,4 +376,4 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
 
 __all__ = ["HELPER_NAME", "FileCaps", "HelperStatus", "MethodChoice", "auto_method",
            "cap_names", "decode_file_caps", "file_caps", "helper_path", "helper_status",
-           "no_new_privs", "run_helper", "setcap_command", "fallback_warning", "choose_method"]
+           "no_new_privs", "run_helper", "setcap_command", "fallback_warning"]

@@ -10,6 +10,10 @@ import blkcache
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(blkcache.__file__)))
 
 
+def _arg(arg):
+    return arg if isinstance(arg, (str, bytes)) else str(arg)
+
+
 def env():
     """The environment for a child: it must import the same blkcache."""
     out = dict(os.environ)
@@ -20,13 +24,27 @@ def env():
 
 
 def run(*args, timeout=60, stdin=subprocess.DEVNULL):
-    """(returncode, stdout, stderr) of `python -m blkcache ARGS` (bytes args ok)."""
-    proc = subprocess.run([sys.executable, "-m", "blkcache", *args], stdin=stdin,
+    """(returncode, stdout, stderr) of `python -m blkcache ARGS` (str, bytes or
+    path-like args); the one way the tests run the command line."""
+    proc = subprocess.run([sys.executable, "-m", "blkcache", *map(_arg, args)], stdin=stdin,
                           capture_output=True, timeout=timeout, env=env())
     out = proc.stdout.decode("utf-8", "surrogateescape")
     err = proc.stderr.decode("utf-8", "surrogateescape")
     assert "Traceback" not in err and "Traceback" not in out, err
     return proc.returncode, out, err
+
+
+def completed(*args, timeout=60, stdin=subprocess.DEVNULL):
+    """run(), as a subprocess.CompletedProcess (returncode, stdout, stderr)."""
+    code, out, err = run(*args, timeout=timeout, stdin=stdin)
+    return subprocess.CompletedProcess(["blkcache", *args], code, out, err)
+
+
+def start(*args, **popen_args):
+    """`python -m blkcache ARGS` started, not waited for: a Popen (text pipes)."""
+    return subprocess.Popen([sys.executable, "-m", "blkcache", *args], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen_args)
 
 
 def one_error_line(err):

@@ -1,23 +1,34 @@
-"""Fixtures: real loop devices on sparse files, always detached."""
+"""Fixtures: real loop devices on sparse files, always detached.
+
+A test that uses a loop device (through any fixture that needs
+``loop_available``) is marked ``loop`` here: ``pytest -m "not loop"`` runs
+the rest, which needs neither root nor loop devices.
+"""
 
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
+from blkcache import loop
+from blkcache.errors import BlkcacheError
+
 sys.path.insert(0, os.path.dirname(__file__))
 
-import kernel  # noqa: E402
 from test_recursive import partitioned  # noqa: E402,F401  (a disk with two partitions)
+from units import MiB  # noqa: E402
 from unprivileged import granted, nobody  # noqa: E402,F401  (fixtures for every module)
 
 REQUIRE_LOOP = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
-MiB = 1 << 20
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "loop_available" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.loop)
 
 
 def _loop_problem():
@@ -47,16 +58,6 @@ def scratch_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def detach(device):
-    """Detach a loop device we attached; retry while it is briefly busy."""
-    for _ in range(50):
-        proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
-        if proc.returncode == 0 or "No such device" in proc.stderr:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"could not detach {device}: {proc.stderr.strip()}")
-
-
 class Loops:
     """Attach loop devices and hold them open; undo all of it at the end."""
 
@@ -76,9 +77,7 @@ class Loops:
     def attach(self, backing=None, size=64 * MiB, read_only=False, partscan=False):
         if backing is None:
             backing = self.image(size)
-        args = ["--find", "--show"] + (["--read-only"] if read_only else []) + \
-               (["--partscan"] if partscan else [])
-        device = kernel.losetup(*args, backing)
+        device = loop.attach(backing, read_only, partscan)
         self.devices.append(device)
         return device
 
@@ -96,8 +95,8 @@ class Loops:
         errors = []
         for device in reversed(self.devices):
             try:
-                detach(device)
-            except RuntimeError as exc:
+                loop.detach(device)
+            except BlkcacheError as exc:
                 errors.append(str(exc))
         self.devices.clear()
         if errors:

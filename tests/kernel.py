@@ -9,10 +9,11 @@ import mmap
 import os
 import subprocess
 
+from units import PAGE  # noqa: F401  (kernel.PAGE: the oracle's page size)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 NR_CACHESTAT = 451
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class _Range(ctypes.Structure):

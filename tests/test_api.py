@@ -9,9 +9,7 @@ import blkcache
 from blkcache import api
 
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def fill(fd, length, offset=0):

@@ -20,9 +20,8 @@ from blkcache import api
 
 import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 COMMANDS = ("status", "drop", "verify")
 FIFO_TIMEOUT = 20   # seconds: opening a FIFO must never block
 

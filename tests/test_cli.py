@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -11,10 +9,9 @@ from click.testing import CliRunner
 from blkcache import __version__
 from blkcache.cli import cli
 
+import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def run(*args):
@@ -25,9 +22,7 @@ def run(*args):
 
 def blkcache(*args, timeout=60):
     """blkcache as a real process (python -m blkcache)."""
-    proc = subprocess.run([sys.executable, "-m", "blkcache", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
+    return cliproc.run(*args, timeout=timeout)
 
 
 def no_readahead(fd):

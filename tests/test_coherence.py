@@ -10,20 +10,15 @@ import pytest
 from blkcache import api, coherence
 from blkcache.cli.output import Progress
 
+import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 # Pages the destination reads (and so caches), and pages the source rewrites.
 DEST_READS = [(0, 16), (1024, 16)]          # (first page, count)
 SOURCE_WRITES = [(3, 1), (5, 2), (1030, 1), (2000, 1)]   # 2000 is not cached there
 EXPECTED_STALE = ((3 * PAGE, PAGE), (5 * PAGE, 2 * PAGE), (1030 * PAGE, PAGE))
 
-
-def blkcache_cli(*args):
-    return subprocess.run([sys.executable, "-m", "blkcache", *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -76,7 +71,7 @@ def test_two_hosts_stale_pages_found_exactly(two_hosts):
 
 def test_two_hosts_cli(two_hosts):
     _, dest, dest_fd, _ = two_hosts
-    proc = blkcache_cli("verify", "--coherence", dest)
+    proc = cliproc.completed("verify", "--coherence", dest)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.splitlines() == [
@@ -87,10 +82,10 @@ def test_two_hosts_cli(two_hosts):
         f"  stale offset {1030 * PAGE} length {PAGE} (1 pages, 4K)",
     ]
     assert kernel.cachestat(dest_fd)["nr_cache"] == 32
-    quiet = blkcache_cli("verify", "--coherence", "--quiet", dest)
+    quiet = cliproc.completed("verify", "--coherence", "--quiet", dest)
     assert (quiet.returncode, quiet.stdout) == (1, "")
-    assert blkcache_cli("drop", "--quiet", dest).returncode == 0
-    proc = blkcache_cli("verify", "--coherence", dest)
+    assert cliproc.completed("drop", "--quiet", dest).returncode == 0
+    proc = cliproc.completed("verify", "--coherence", dest)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (f"{dest}: coherent: 0 cached pages match the device "
                            "(0 resident, 0 dirty and 0 evicted not compared)\n")
@@ -100,7 +95,7 @@ def test_json_lists_ranges(two_hosts):
     import json
 
     _, dest, _, _ = two_hosts
-    proc = blkcache_cli("verify", "--coherence", "--json", dest)
+    proc = cliproc.completed("verify", "--coherence", "--json", dest)
     assert proc.returncode == 1
     (record,) = json.loads(proc.stdout)["devices"]
     assert record["verdict"] == "stale" and record["stale"] == 4
@@ -125,7 +120,7 @@ def test_dirty_pages_are_reported_apart_and_never_written(loops):
     assert after["nr_dirty"] == 1 and after["nr_cache"] == before["nr_cache"]
     # Nothing reached the backing file: a direct read would have flushed it.
     assert kernel.read_direct(image, 10 * PAGE, PAGE) == bytes(PAGE)
-    proc = blkcache_cli("verify", "--coherence", dev)
+    proc = cliproc.completed("verify", "--coherence", dev)
     assert proc.returncode == 4
     assert f"  dirty offset {10 * PAGE} length {PAGE} (1 pages, 4K)" in proc.stdout
     assert kernel.cachestat(wfd)["nr_dirty"] == 1

@@ -20,9 +20,7 @@ import cliproc
 import kernel
 import needs
 from test_faults import _image_on, mounted
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 def _failing_device(loops, mnt):

@@ -16,9 +16,7 @@ import blkcache
 
 import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from blkcache import privilege
 import kernel
 from unprivileged import cached_loop, node_mode
 
-MiB = 1 << 20
 USAGE = "blkcache-flush: usage: blkcache-flush DEVICE | fd:N (exactly one argument)\n"
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from blkcache import holders as holders_mod
 
-MiB = 1 << 20
+import cliproc
+from units import MiB
 
 HOLDER = """
 import ctypes, mmap, os, sys
@@ -47,10 +48,6 @@ def holder_process():
         proc.wait()
 
 
-def blkcache_cli(*args):
-    return subprocess.run([sys.executable, "-m", "blkcache", *args],
-                          capture_output=True, text=True, timeout=60)
-
 
 def test_process_with_fd_and_process_with_mapping(loops, holder_process):
     dev = loops.attach(size=16 * MiB)
@@ -75,12 +72,12 @@ def test_status_holders_cli(loops, holder_process):
     dev = loops.attach(size=16 * MiB)
     proc = holder_process(dev, "fd")
     fd = holders_mod.holders(dev).processes[0].fds[0]
-    out = blkcache_cli("status", "--holders", dev)
+    out = cliproc.completed("status", "--holders", dev)
     assert out.returncode == 0, out.stderr
     assert f"{dev}: process {proc.pid} (python" in out.stdout
     line = [ln for ln in out.stdout.splitlines() if f"process {proc.pid} " in ln][0]
     assert line.endswith(f") fd {fd}")
-    data = json.loads(blkcache_cli("status", "--holders", "--json", dev).stdout)
+    data = json.loads(cliproc.completed("status", "--holders", "--json", dev).stdout)
     (record,) = data["devices"]
     assert {"pid": proc.pid, "fds": [fd], "mapped": False} == {
         k: v for k, v in [p for p in record["holders"]["processes"]
@@ -89,7 +86,7 @@ def test_status_holders_cli(loops, holder_process):
 
 def test_nobody_holds_it(loops):
     dev = loops.attach(size=16 * MiB)
-    out = blkcache_cli("status", "--holders", "-n", dev)
+    out = cliproc.completed("status", "--holders", "-n", dev)
     assert out.returncode == 0
     assert out.stdout.splitlines()[1] == (
         f"{dev}: no other holder (the cache goes when the last opener closes it)")
@@ -106,7 +103,7 @@ def test_mount_is_a_holder(loops):
         try:
             found = holders_mod.holders(dev)
             assert [(m.mount_point, m.fstype) for m in found.mounts] == [(mnt, "ext4")]
-            out = blkcache_cli("status", "--holders", dev)
+            out = cliproc.completed("status", "--holders", dev)
             assert f"{dev}: mount {mnt} (ext4)" in out.stdout.splitlines()
         finally:
             subprocess.run(["umount", mnt], check=True)

@@ -8,10 +8,9 @@ import pytest
 
 from blkcache import hooks
 
+import cliproc
 import kernel
-
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB
 
 DOMAIN = """<domain type='kvm'>
   <name>guest1</name>
@@ -126,12 +125,10 @@ def test_bad_xml_no_disks_and_missing_blkcache(loopdev, tmp_path):
 
 
 def test_cli_prints_the_shipped_script():
-    out = subprocess.run([sys.executable, "-m", "blkcache", "hook", "libvirt"],
-                         capture_output=True, text=True)
+    out = cliproc.completed("hook", "libvirt")
     assert out.returncode == 0
     with open(hooks.script_path("libvirt"), encoding="utf-8") as f:
         assert out.stdout == f.read()
     assert out.stdout.startswith("#!/usr/bin/env python3\n")
-    path = subprocess.run([sys.executable, "-m", "blkcache", "hook", "libvirt", "--path"],
-                          capture_output=True, text=True)
+    path = cliproc.completed("hook", "libvirt", "--path")
     assert path.stdout.strip() == hooks.script_path("libvirt")

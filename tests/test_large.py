@@ -25,10 +25,8 @@ from blkcache._native import ffi, lib
 
 import cliproc
 import kernel
+from units import PAGE, MiB, TiB
 
-MiB = 1 << 20
-TiB = 1 << 40
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MAX = 2 ** 63 - 1
 
 

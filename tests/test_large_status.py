@@ -6,10 +6,7 @@ import sys
 import pytest
 
 import kernel
-
-MiB = 1 << 20
-TiB = 1 << 40
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from units import PAGE, MiB, TiB
 
 
 @pytest.mark.parametrize("interface", ["cachestat", "mincore"])

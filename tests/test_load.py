@@ -19,8 +19,8 @@ import time
 
 import cliproc
 import kernel
+from units import MiB
 
-MiB = 1 << 20
 CHUNK = 64 << 10
 SIZE = 32 * MiB
 SECONDS = float(os.environ.get("BLKCACHE_LOAD_SECONDS", "20"))

@@ -2,18 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from blkcache import api
 from blkcache.resmap import residency_map
 
+import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 EXPECTED = "[O" + " " * 9 + "o" + " " * 53 + "]"
 
 
@@ -36,16 +34,13 @@ def test_map_buckets_match_the_kernel(mapped, interface):
 
 
 def test_status_map_cli(mapped):
-    out = subprocess.run([sys.executable, "-m", "blkcache", "status", "--map", "-n", mapped],
-                         capture_output=True, text=True)
+    out = cliproc.completed("status", "--map", "-n", mapped)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1] == f"{mapped}: {EXPECTED} 64M, 1M per column"
-    out = subprocess.run([sys.executable, "-m", "blkcache", "status", "--map", "--json",
-                          mapped], capture_output=True, text=True)
+    out = cliproc.completed("status", "--map", "--json", mapped)
     (record,) = json.loads(out.stdout)["devices"]
     assert record["map"]["map"] == EXPECTED and record["map"]["cached"][10] == 1
     # A range of 16 pages: one column per page.
-    out = subprocess.run([sys.executable, "-m", "blkcache", "status", "--map", "-n",
-                          "-o", str(MiB - 8 * PAGE), "-l", str(16 * PAGE), mapped],
-                         capture_output=True, text=True)
+    out = cliproc.completed("status", "--map", "-n", "-o", str(MiB - 8 * PAGE),
+                            "-l", str(16 * PAGE), mapped)
     assert out.stdout.splitlines()[1] == f"{mapped}: [{'O' * 8}{' ' * 8}] 64K, 4K per column"

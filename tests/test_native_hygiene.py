@@ -21,12 +21,11 @@ import subprocess
 import pytest
 
 import kernel
+from units import PAGE, MiB
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SANITIZE = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer", "-Wall", "-Wextra"]
 SAN_ENV = {"ASAN_OPTIONS": "abort_on_error=0:exitcode=99:detect_leaks=1",
@@ -211,6 +210,7 @@ print(ffi.compile(tmpdir=tmpdir))
 """
 
 
+@pytest.mark.loop    # runs loop-device tests in a child, as root
 def test_python_tests_on_a_sanitized_native_module(tmp_path):
     """test_api, test_large and test_faults with blkcache._native built with
     ASan+UBSan (the runtimes preloaded into Python), in a copy of the package."""

@@ -11,17 +11,16 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 
 import pytest
 
 from blkcache import privilege
 from blkcache.errors import MethodUnavailableError
 
+import cliproc
 import kernel
+from units import MiB
 from unprivileged import cached_loop, node_mode
-
-MiB = 1 << 20
 
 
 def lines(text):
@@ -306,14 +305,12 @@ def test_doctor_as_root(loopdev):
     assert report.drop_method.method == "ioctl"
     assert report.devices[0].answers is True and report.devices[0].drop_method == "ioctl"
     assert report.problems == ()
-    proc = subprocess.run([sys.executable, "-m", "blkcache", "doctor", "--helper-path"],
-                          capture_output=True, text=True, cwd="/")
+    proc = cliproc.completed("doctor", "--helper-path")
     assert (proc.returncode, proc.stdout) == (0, privilege.helper_path() + "\n")
 
 
 def test_doctor_rejects_bad_usage():
-    proc = subprocess.run([sys.executable, "-m", "blkcache", "doctor", "--bogus"],
-                          capture_output=True, text=True, cwd="/")
+    proc = cliproc.completed("doctor", "--bogus")
     assert proc.returncode == 2 and proc.stderr.startswith("blkcache: No such option")
 
 

@@ -5,18 +5,16 @@ import fcntl
 import json
 import os
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
 
 from blkcache import stack
 
+import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SECTOR = 512
 # Two partitions: 1 MiB + 16 MiB, 17 MiB + 8 MiB, on a 32 MiB disk.
 PARTS = [(1 * MiB, 16 * MiB), (17 * MiB, 8 * MiB)]
@@ -87,10 +85,6 @@ def partitioned(loops):
     return disk, parts[0], parts[1]
 
 
-def blkcache_cli(*args):
-    return subprocess.run([sys.executable, "-m", "blkcache", *args],
-                          capture_output=True, text=True, timeout=60)
-
 
 def test_expand_disk_and_partition(partitioned):
     disk, p1, p2 = partitioned
@@ -112,13 +106,13 @@ def test_status_and_drop_recursive(partitioned, loops):
         kernel.read_buffered(fds[dev], 0, length)
     expected = {disk: 64, p1: 128, p2: 32}
     assert {dev: kernel.cachestat(fd)["nr_cache"] for dev, fd in fds.items()} == expected
-    out = blkcache_cli("status", "--recursive", "-n", "-b", disk)
+    out = cliproc.completed("status", "--recursive", "-n", "-b", disk)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()]
     assert [(row[-1], int(row[1])) for row in rows] == [(disk, 64), (p1, 128), (p2, 32)]
     # Without --recursive: the disk only.
-    assert len(blkcache_cli("status", "-n", disk).stdout.splitlines()) == 1
-    out = blkcache_cli("drop", "--recursive", "--json", disk)
+    assert len(cliproc.completed("status", "-n", disk).stdout.splitlines()) == 1
+    out = cliproc.completed("drop", "--recursive", "--json", disk)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)["devices"]
     assert [(r["path"], r["before"]["cached"], r["after"]["cached"]) for r in results] == [
@@ -136,17 +130,17 @@ def test_write_through_partition_leaves_stale_disk_pages(partitioned, loops):
     os.fsync(p1_fd)
     stale_at = 1 * MiB + 2 * PAGE
     assert kernel.read_buffered(disk_fd, stale_at, 4) == bytes(4)   # stale, really
-    out = blkcache_cli("verify", "--coherence", "--recursive", "--json", p1)
+    out = cliproc.completed("verify", "--coherence", "--recursive", "--json", p1)
     assert out.returncode == 1, out.stderr
     reports = {r["path"]: r for r in json.loads(out.stdout)["devices"]}
     assert list(reports) == [p1, disk]
     assert reports[p1]["verdict"] == "coherent"
     assert reports[disk]["stale_ranges"] == [[stale_at, PAGE]]
-    out = blkcache_cli("drop", "--recursive", "-q", p1)
+    out = cliproc.completed("drop", "--recursive", "-q", p1)
     assert out.returncode == 0, out.stderr
     assert kernel.cachestat(disk_fd)["nr_cache"] == 0
     assert kernel.read_buffered(disk_fd, stale_at, 4) == b"part"
-    out = blkcache_cli("verify", "--recursive", p1)
+    out = cliproc.completed("verify", "--recursive", p1)
     assert out.returncode == 1       # the read above cached a page of the disk again
     assert out.stdout.splitlines()[0] == f"{p1}: clean: 0 of 4096 pages (0B) cached"
 

@@ -13,21 +13,16 @@ import pytest
 from blkcache import api
 from blkcache.watch import watch
 
+import cliproc
 import kernel
+from units import PAGE, MiB
 
-MiB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} +(\S+) +(\S+) +(\S+) +(\S+) (\S+)$")
 
 
-def blkcache_cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "blkcache", *args],
-                          capture_output=True, text=True, timeout=timeout)
-
 
 def start_watch(*args):
-    return subprocess.Popen([sys.executable, "-m", "blkcache", "watch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cliproc.start("watch", *args)
 
 
 @pytest.fixture
@@ -44,14 +39,14 @@ def test_count_prints_only_changes(loopdev):
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
     kernel.read_buffered(loopdev.fd, 0, 4 * PAGE)
     start = time.monotonic()
-    out = blkcache_cli("watch", "--count", "3", "--interval", "0.1", loopdev)
+    out = cliproc.completed("watch", "--count", "3", "--interval", "0.1", loopdev)
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - start >= 0.2        # it did sample three times
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["TIME", "RES", "PAGES", "DIRTY", "WRITEBACK", "DEVICE"]
     assert len(lines) == 2                        # nothing changed: one sample line
     assert LINE.match(lines[1]).groups() == ("16K", "4", "0", "0", loopdev)
-    out = blkcache_cli("watch", "--count", "1", "-b", "-n", loopdev)
+    out = cliproc.completed("watch", "--count", "1", "-b", "-n", loopdev)
     assert LINE.match(out.stdout.strip()).groups() == (str(4 * PAGE), "4", "0", "0",
                                                        loopdev)
 
@@ -94,7 +89,7 @@ def test_until_empty_follows_a_drop(loopdev, watchers):
 def test_until_empty_times_out_with_exit_1(loopdev):
     kernel.read_buffered(loopdev.fd, 0, 8 * PAGE)
     start = time.monotonic()
-    out = blkcache_cli("watch", "--until-empty", "--timeout", "0.5", "--interval", "0.1",
+    out = cliproc.completed("watch", "--until-empty", "--timeout", "0.5", "--interval", "0.1",
                        "-n", loopdev)
     assert out.returncode == 1
     assert 0.3 < time.monotonic() - start < 10
@@ -113,10 +108,10 @@ def test_signal_stops_cleanly(loopdev, watchers, sig):
 
 
 def test_bad_device_and_options(tmp_path):
-    out = blkcache_cli("watch", str(tmp_path / "missing"))
+    out = cliproc.completed("watch", str(tmp_path / "missing"))
     assert out.returncode == 2
     assert out.stderr.startswith("blkcache: ") and "missing" in out.stderr
-    out = blkcache_cli("watch", "--interval", "0", "/dev/null")
+    out = cliproc.completed("watch", "--interval", "0", "/dev/null")
     assert out.returncode == 2 and out.stderr.startswith("blkcache: ")
 
 
