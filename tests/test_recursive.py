@@ -186,17 +186,9 @@ def test_non_block_paths_pass_through(tmp_path):
 
 # -- issue 10, point 6: holders above, and what was not checked -------------------------
 
-SYSFS_CLI = ("import sys\n"
-             "import blkcache.stack\n"
-             "blkcache.stack.SYSFS = sys.argv[1]\n"
-             "from blkcache.cli import main\n"
-             "main(sys.argv[2:])\n")
-
-
 def blkcache_on(sysfs, *args):
     """The blkcache command reading a hand-built sysfs tree instead of /sys."""
-    return subprocess.run([sys.executable, "-c", SYSFS_CLI, str(sysfs), *args],
-                          capture_output=True, text=True, timeout=60)
+    return cliproc.completed(*args, sysfs=sysfs)
 
 
 @pytest.fixture
@@ -302,20 +294,20 @@ def test_recursive_drop_reaches_the_devices_stacked_above(stacked, loops):
 def test_without_recursive_the_related_partitions_and_disk_are_named(partitioned, loops):
     disk, p1, p2 = partitioned
     name = os.path.basename(disk)
-    out = blkcache_cli("status", disk)
+    out = cliproc.completed("status", disk)
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 2
     assert out.stderr == (f"blkcache: 2 related devices not checked ({name}p1: partition "
                           f"of {name}, {name}p2: partition of {name}); use -r\n")
-    out = blkcache_cli("status", "-J", disk)
+    out = cliproc.completed("status", "-J", disk)
     assert [(d["path"], d["relation"]) for d in json.loads(out.stdout)["not_checked"]] == \
         [(p1, "partition"), (p2, "partition")]
-    out = blkcache_cli("verify", p1)
+    out = cliproc.completed("verify", p1)
     assert out.stderr == (f"blkcache: 1 related device not checked ({name}: disk of "
                           f"{name}p1); use -r\n")
     # Named together, or with -r, or quiet: nothing to say.
     for args in (["verify", p1, disk, p2], ["verify", "-r", p1], ["verify", "-q", p1]):
-        assert blkcache_cli(*args).stderr == "", args
-    out = blkcache_cli("status", "-r", disk)
+        assert cliproc.completed(*args).stderr == "", args
+    out = cliproc.completed("status", "-r", disk)
     assert [line.split()[-2:] for line in out.stdout.splitlines()] == [
         ["RELATION", "DEVICE"], ["self", disk], [f"partition:{name}", p1],
         [f"partition:{name}", p2]]
