@@ -4,7 +4,7 @@
 Run as root, with the interpreter that runs blkcache (the package must be
 importable: installed, or PYTHONPATH pointing at the source tree):
 
-    python bench/bench.py                 # full run, a few minutes
+    python bench/bench.py                 # full run, several minutes
     python bench/bench.py --quick         # smoke run, seconds (CI)
     python bench/bench.py --json out.json --runs 7 --check
 
@@ -12,16 +12,22 @@ Each scenario is prepared on loop devices over sparse files in /var/tmp,
 held open by this process so their page cache stays.  The commands of a row
 run alternately (blkcache first on even runs, the peer first on odd runs);
 the table shows medians of wall time and peak RSS (os.wait4's ru_maxrss of
-the child) and the ratios blkcache / peer, against the goals of issue 6.
-Peers that are missing (vmtouch, fincore >= 2.40, the blkcache-flush helper,
-gcc for the C timing program) are reported as skipped rows.  The bench
-installs nothing.  Every loop device it attached is detached on exit, also
-on Ctrl-C or SIGTERM.
+the child) and the ratios blkcache / peer, against the goals of issues 6 and
+14.  A second table shows how status, drop, verify --coherence and status
+--holders grow with the cache and with the number of processes.  Peers
+that are missing (vmtouch, fincore >= 2.40, fuser, the blkcache-flush
+helper, gcc for the C programs) are reported as skipped rows.  The bench
+installs nothing.  Every loop device it attached and every process it
+started is undone on exit, also on Ctrl-C or SIGTERM.
+
+The C and Python programs it runs are the files beside it: launch.c (runs a
+command, reports wall time and peak RSS), timing.c and api_timing.py (the
+in-process API against raw syscalls).
 """
 
 import argparse
-import ctypes
 import json
+import math
 import os
 import platform
 import re
@@ -32,6 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The tests' independent view of the kernel (raw cachestat by ctypes, not blkcache).
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import kernel  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -44,177 +56,20 @@ SETTLE = 0.02
 #: The in-process drops start this long after the refill, in both programs
 #: (longer than the interpreter's start-up).
 START_DELAY = 0.25
-
-C_TIMING = r"""
-/* The syscalls blkcache.status() / blkcache.drop() make, timed in C. */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-#include <linux/fs.h>
-
-struct cs_range { uint64_t off, len; };
-struct cs { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static int cachestat(int fd, uint64_t len, struct cs *out)
-{
-    struct cs_range r = { 0, len };
-    return syscall(451, fd, &r, out, 0);
-}
-
-/* usage: timing status|drop DEV [N [START]]: prints N lines "seconds cached_after".
- * START: a CLOCK_MONOTONIC time to wait for before the untimed warm-up call
- * (a status) that precedes the timed ones. */
-int main(int argc, char **argv)
-{
-    int drop, n, i;
-    double start = argc > 4 ? atof(argv[4]) : 0;
-
-    if (argc < 3)
-        return 2;
-    drop = strcmp(argv[1], "drop") == 0;
-    n = argc > 3 ? atoi(argv[3]) : 1;
-    if (start > now()) {
-        double wait = start - now();
-        struct timespec ts = { (time_t)wait, (long)((wait - (time_t)wait) * 1e9) };
-        nanosleep(&ts, NULL);
-    }
-    for (i = -1; i < n; i++) {      /* i == -1: an untimed warm-up status */
-        struct stat sb;
-        struct cs before, after;
-        uint64_t size = 0;
-        double t0, t1;
-        int fd;
-
-        t0 = now();
-        fd = open(argv[2], O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-
-        if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISBLK(sb.st_mode) ||
-            ioctl(fd, BLKGETSIZE64, &size) != 0 || cachestat(fd, size, &before) != 0) {
-            perror(argv[2]);
-            return 1;
-        }
-        after = before;
-        if (drop && i >= 0 && (fdatasync(fd) != 0 || ioctl(fd, BLKFLSBUF, 0) != 0 ||
-                     cachestat(fd, size, &after) != 0)) {
-            perror(argv[2]);
-            return 1;
-        }
-        close(fd);
-        t1 = now();
-        if (i >= 0)
-            printf("%.9f %llu\n", t1 - t0, (unsigned long long)after.nr_cache);
-    }
-    return 0;
-}
-"""
-
-
-C_LAUNCH = r"""
-/* launch ARGV...: run ARGV with stdout on /dev/null; print "wall maxrss status".
- * A separate small process, because a child's ru_maxrss includes the memory
- * of the process that forked it (the old mm's high-water mark is kept at
- * exec), so children of the bench itself would all show its RSS. */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdio.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
-
-int main(int argc, char **argv)
-{
-    struct timespec t0, t1;
-    struct rusage ru;
-    int status, null;
-    pid_t pid;
-
-    if (argc < 2)
-        return 127;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    pid = fork();
-    if (pid == 0) {
-        null = open("/dev/null", O_WRONLY);
-        if (null >= 0)
-            dup2(null, 1);
-        execv(argv[1], argv + 1);
-        _exit(127);
-    }
-    if (pid < 0 || wait4(pid, &status, 0, &ru) != pid)
-        return 127;
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("%.9f %ld %d\n", (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9,
-           ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-    return 0;
-}
-"""
-
-
-PY_TIMING = r"""
-# The Python twin of C_TIMING: blkcache.status() / blkcache.drop() timed in a
-# fresh process, after the import, the wait for START and an untimed warm-up
-# call (a status), like the C.
-import sys
-import time
-
-import blkcache
-
-mode, dev, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-start = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-call = blkcache.drop if mode == "drop" else blkcache.status
-if start > time.monotonic():
-    time.sleep(start - time.monotonic())
-blkcache.status(dev)
-for _ in range(n):
-    t0 = time.perf_counter()
-    result = call(dev)
-    t1 = time.perf_counter()
-    left = result.after.cached if mode == "drop" else result.cached
-    print(f"{t1 - t0:.9f} {left}")
-"""
+#: A fill is good enough when reclaim left this share of the pages read.
+FILLED = 0.99
 
 
 class BenchError(Exception):
     pass
 
 
-# -- kernel helpers (independent of blkcache) ---------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _CsRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cs(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in
-                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
-
-
-def cached_pages(fd, length):
-    """Pages of fd cached in [0, length) by raw cachestat(2); None if unavailable."""
-    rng, out = _CsRange(0, length), _Cs()
-    if _libc.syscall(ctypes.c_long(451), ctypes.c_int(fd), ctypes.byref(rng),
-                     ctypes.byref(out), ctypes.c_uint(0)) != 0:
+def cached_pages(fd, offset=0, length=0):
+    """Pages of fd cached in the range by raw cachestat(2); None if unavailable."""
+    try:
+        return kernel.cachestat(fd, offset, length)["nr_cache"]
+    except OSError:
         return None
-    return out.nr_cache
 
 
 def tool_version(argv):
@@ -230,39 +85,80 @@ def tool_version(argv):
 # -- the scratch world ---------------------------------------------------------
 
 class World:
-    """Loop devices over sparse files, held open; all undone by close()."""
+    """Loop devices over sparse files, held open, and idle processes; all
+    undone by close()."""
 
     def __init__(self):
+        from blkcache import loop
+
+        self.loop = loop
         self.workdir = tempfile.mkdtemp(prefix="blkcache-bench-", dir="/var/tmp")
         self.devices = []
         self.fds = []
+        self.pids = []
+        self.notes = {"workdir": self.workdir}
 
-    def attach(self, size, name):
+    def image(self, size, name, data=0):
+        """A sparse file of size bytes; its first ``data`` bytes not zero
+        (8 MiB of random bytes, repeated), written to the disk."""
         path = os.path.join(self.workdir, name)
         with open(path, "wb") as f:
             f.truncate(size)
-        # direct I/O to the backing file: the loop device's own page cache is
-        # the only copy, as on a real host.  Falls back to buffered I/O.
+            block = os.urandom(min(8 * MiB, data)) if data else b""
+            for off in range(0, data, len(block) or 1):
+                f.write(block[:data - off])
+            f.flush()
+            os.fsync(f.fileno())
+            # The loop device reads with O_DIRECT: no second copy in memory.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return path
+
+    def attach(self, size, name, data=0):
+        """A loop device (direct I/O to its backing file: its own page cache
+        is the only copy, as on a real host), and an fd holding it open."""
+        path = self.image(size, name, data)
         # Ctrl-C or SIGTERM between losetup attaching and our noting the
         # device would leak it: hold those signals until it is noted.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            for extra in (["--direct-io=on"], []):
-                proc = subprocess.run(["losetup", "--find", "--show", *extra, path],
-                                      capture_output=True, text=True, timeout=60)
-                if proc.returncode == 0:
-                    break
-            else:
-                raise BenchError(f"losetup {path}: {proc.stderr.strip()}")
-            device = proc.stdout.strip()
+            device = self.loop.attach(path, direct_io=True)
             self.devices.append(device)
+        except Exception as exc:
+            raise BenchError(f"losetup {path}: {exc}") from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
         self.fds.append(fd)
         return device, fd
 
+    def spawn(self, count):
+        """Start count idle processes (sleep), stopped by reap() or close()."""
+        sleep = shutil.which("sleep")
+        if sleep is None:
+            raise BenchError("sleep(1) not found")
+        with open(os.devnull, "rb") as null:
+            actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 0),
+                       (os.POSIX_SPAWN_DUP2, null.fileno(), 1)]
+            for _ in range(count):
+                held = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                              {signal.SIGINT, signal.SIGTERM})
+                try:
+                    self.pids.append(os.posix_spawn(sleep, [sleep, "3600"], os.environ,
+                                                    file_actions=actions))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def reap(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.pids.clear()
+
     def close(self):
+        self.reap()
         for fd in self.fds:
             try:
                 os.close(fd)
@@ -271,32 +167,40 @@ class World:
         self.fds.clear()
         problems = []
         for device in reversed(self.devices):
-            for _ in range(50):
-                proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
-                if proc.returncode == 0 or "No such device" in proc.stderr:
-                    break
-                time.sleep(0.1)
-            else:
-                problems.append(f"{device}: {proc.stderr.strip()}")
+            try:
+                self.loop.detach(device)
+            except Exception as exc:
+                problems.append(f"{device}: {exc}")
         self.devices.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
         if problems:
             raise BenchError("could not detach " + "; ".join(problems))
 
 
-def fill(fd, length):
-    """Read [0, length) through fd so that its pages are cached."""
+def read_range(fd, offset, length):
     buf = bytearray(8 * MiB)
     view = memoryview(buf)
-    off = 0
-    while off < length:
-        n = os.preadv(fd, [view[:min(len(buf), length - off)]], off)
+    pos, end = offset, offset + length
+    while pos < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
         if n <= 0:
             break
-        off += n
-    got = cached_pages(fd, length)
-    if got is not None and got < length // PAGE:
-        raise BenchError(f"fill: only {got} of {length // PAGE} pages cached")
+        pos += n
+
+
+def fill(fd, length, offset=0):
+    """Read [offset, offset+length) through fd so that its pages are cached.
+
+    Reclaim may take a few pages right after they are read: read again, and
+    accept FILLED of them."""
+    want = length // PAGE
+    for _ in range(5):
+        read_range(fd, offset, length)
+        got = cached_pages(fd, offset, length)
+        if got is None or got >= want:
+            return
+    if got < FILLED * want:
+        raise BenchError(f"fill: only {got} of {want} pages cached")
 
 
 # -- running commands -----------------------------------------------------------
@@ -304,7 +208,7 @@ def fill(fd, length):
 class Runner:
     """Runs a command with stdout on /dev/null: (wall seconds, peak RSS KiB).
 
-    Through the small C launcher when there is one (see C_LAUNCH); else with
+    Through the small C launcher when there is one (launch.c); else with
     posix_spawn, and the RSS is not measured (it would be this process's).
     """
 
@@ -367,17 +271,21 @@ class Side:
 
 class Row:
     def __init__(self, name, what, blk=None, peer=None, wall_goal=None, rss_goal=None,
-                 rss_limit_kib=None, skip=None, unit="ms"):
+                 rss_limit_kib=None, skip=None, scale=None):
         self.name, self.what = name, what
         self.blk, self.peer = blk, peer
         self.wall_goal, self.rss_goal, self.rss_limit_kib = wall_goal, rss_goal, rss_limit_kib
-        self.skip, self.unit = skip, unit
+        self.skip = skip
+        #: For the scaling table: (operation, amount, unit).
+        self.scale = scale
         self.derived = None     # (wall_ratio) for rows computed from others
 
     def result(self):
         out = {"name": self.name, "what": self.what, "skipped": self.skip,
                "goals": {"wall_ratio_max": self.wall_goal, "rss_ratio_max": self.rss_goal,
                          "rss_max_kib": self.rss_limit_kib}}
+        if self.scale:
+            out["scale"] = dict(zip(("operation", "amount", "unit"), self.scale))
         if self.skip:
             out["met"] = None
             return out
@@ -422,7 +330,11 @@ def alternate(rows, runs, before=None, warmup=True):
             side.sample()
 
 
-# -- the bench -------------------------------------------------------------------
+#: A titled group of rows and the function that measures them.
+Group = namedtuple("Group", "title rows run")
+
+
+# -- the bench's context ----------------------------------------------------------
 
 def find_blkcache():
     import blkcache
@@ -453,20 +365,381 @@ def console_script(python, workdir):
     return [path], "pip-style console script (generated)"
 
 
-def compile_c(workdir, name, source):
-    """Compile one of the bench's C programs; (path, None) or (None, reason)."""
+def compile_c(workdir, name):
+    """Compile bench/NAME.c into workdir; (path, None) or (None, reason)."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if not gcc:
         return None, "no C compiler (gcc/cc) for the bench's C programs"
-    src = os.path.join(workdir, name + ".c")
     exe = os.path.join(workdir, name)
-    with open(src, "w") as f:
-        f.write(source)
-    proc = subprocess.run([gcc, "-O2", "-o", exe, src], capture_output=True, text=True)
+    proc = subprocess.run([gcc, "-O2", "-o", exe, os.path.join(HERE, name + ".c")],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         return None, f"gcc failed: {proc.stderr.strip()[:200]}"
     return exe, None
 
+
+TOOLS = {"vmtouch": "vmtouch", "blockdev": "util-linux", "fincore": "util-linux",
+         "fuser": "psmisc", "dd": "coreutils", "sh": "dash"}
+
+
+class Bench:
+    """What every scenario needs: options, the world, the runner, the tools."""
+
+    def __init__(self, args, world, runner, blkcache_mod, pkg_dir):
+        self.args, self.quick, self.py = args, args.quick, args.python
+        self.world, self.runner = world, runner
+        self.blkcache_mod, self.pkg_dir = blkcache_mod, pkg_dir
+        self.notes = world.notes
+        self.blk, self.notes["console_script"] = console_script(self.py, world.workdir)
+        self.tools = {name: shutil.which(name) for name in TOOLS}
+        self.notes["vmtouch"] = self.tools["vmtouch"]
+
+    def missing(self, *names):
+        """Why a row cannot run (the first of these tools not installed), or None."""
+        for name in names:
+            if not self.tools[name]:
+                return f"{name} not installed (apt-get install {TOOLS[name]})"
+        return None
+
+    def side(self, label, argv, expect=(0,)):
+        return Side(label, lambda: self.runner.run(argv, expect), argv)
+
+    def runs(self, factor=1):
+        """Runs per row: one when quick, else --runs times factor."""
+        return 1 if self.quick else self.args.runs * factor
+
+    def size(self, quick, full):
+        return quick if self.quick else full
+
+
+def size_name(size):
+    for unit, name in ((TiB, "T"), (GiB, "G"), (MiB, "M")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{name}"
+    return str(size)
+
+
+# -- the scenarios ---------------------------------------------------------------
+
+def startup(b):
+    import_click = [b.py, "-c", "import click"]
+    rows = [
+        Row("startup", "`blkcache --version` (console script) vs `python -c 'import click'`",
+            b.side("blkcache --version", b.blk + ["--version"]),
+            b.side("import click", import_click), wall_goal=1.15),
+        Row("startup-m", "`python -m blkcache --version` vs `python -c 'import click'`",
+            b.side("python -m blkcache --version", [b.py, "-m", "blkcache", "--version"]),
+            b.side("import click", import_click), wall_goal=1.15),
+    ]
+    return [Group("start-up", rows, lambda: alternate(rows, 3 if b.quick else b.args.runs * 4))]
+
+
+def _fincore_problem(b):
+    fincore = b.tools["fincore"]
+    if not fincore:
+        return b.missing("fincore")
+    version = tool_version([fincore, "--version"])
+    b.notes["fincore_version"] = ".".join(map(str, version)) if version else None
+    if version is None or version < (2, 40):
+        return (f"fincore {b.notes['fincore_version']} < 2.40 reads st_size and sees "
+                "a block device as empty")
+    return None
+
+
+def status(b):
+    """status of a big sparse device, against vmtouch and fincore; its flatness."""
+    big, cached = b.size(16 * GiB, TiB), b.size(64 * MiB, 256 * MiB)
+    bigname = size_name(big)
+    lengths = ("1G",) if b.quick else ("1G", "64G")
+    dev, fd = b.world.attach(big, "big.img")
+    fill(fd, cached)
+    vmtouch, no_vmtouch = b.tools["vmtouch"], b.missing("vmtouch")
+    no_fincore = _fincore_problem(b)
+    st = b.blk + ["status", dev]
+    vm = b.side(f"vmtouch DEV ({bigname})", [vmtouch, dev]) if vmtouch else None
+    rows = [Row(f"status-{bigname}", f"`blkcache status DEV`, {bigname} sparse device, "
+                f"{cached // MiB} MiB cached (cachestat)",
+                b.side("blkcache status", st), vm, wall_goal=0.05, rss_goal=0.15,
+                skip=no_vmtouch)]
+    for length in lengths:
+        rows.append(Row(
+            f"status-{bigname}-len{length}",
+            f"`blkcache status --length {length} DEV` vs `vmtouch -p 0-{length} DEV`",
+            b.side(f"blkcache status --length {length}",
+                   b.blk + ["status", "--length", length, dev]),
+            b.side(f"vmtouch -p 0-{length}", [vmtouch, "-p", f"0-{length}", dev])
+            if vmtouch else None, skip=no_vmtouch))
+    mincore = b.side("blkcache status --interface mincore",
+                     b.blk + ["status", "--interface", "mincore", dev])
+    rows.append(Row(f"status-mincore-{bigname}", "`blkcache status --interface mincore DEV`, "
+                    f"{bigname} device (the pre-6.5 kernel path) vs `vmtouch DEV`",
+                    mincore, vm, wall_goal=0.75, rss_limit_kib=40 * 1024, skip=no_vmtouch))
+    fincore = b.side("fincore DEV", [b.tools["fincore"], dev]) if not no_fincore else None
+    rows.append(Row(f"status-{bigname}-fincore", "`blkcache status DEV` vs `fincore DEV`",
+                    b.side("blkcache status", st), fincore, skip=no_fincore))
+    # vmtouch DEV is shared by two rows: measure each distinct side once per run.
+    measured = list({id(s): s for r in rows if not r.skip
+                     for s in (r.blk, r.peer) if s is not None}.values())
+    slow = {id(vm), id(mincore), id(fincore)}
+
+    def run():
+        alternate([Row("x", "", s) for s in measured], b.runs())
+        if not b.quick:
+            # More samples of the quick commands (everything but a whole-device
+            # scan): their medians make the flatness rows.
+            alternate([Row("x", "", s) for s in measured if id(s) not in slow],
+                      b.runs(2), warmup=False)
+
+    flat = []
+    for length in lengths:
+        whole, part = rows[0], next(r for r in rows if r.name.endswith(f"-len{length}"))
+        row = Row(f"flat-{bigname}/{length}", f"`blkcache status` wall on {bigname} / on "
+                  f"--length {length} (flat in device size: about 1)", wall_goal=1.15,
+                  skip=whole.skip or part.skip)
+        row.parts = (whole, part)
+        flat.append(row)
+
+    def run_flat():
+        for row in flat:
+            if row.skip:
+                continue
+            whole, part = row.parts
+            if not (whole.blk.walls and part.blk.walls):
+                row.skip = "status rows not run"
+                continue
+            wa, wb = statistics.median(whole.blk.walls), statistics.median(part.blk.walls)
+            row.derived = {"blkcache": {"label": whole.blk.label, "wall_median": wa},
+                           "peer": {"label": part.blk.label, "wall_median": wb},
+                           "wall_ratio": wa / wb}
+
+    return [Group("status", rows, run), Group("flat", flat, run_flat)]
+
+
+def drop(b):
+    """blkcache drop against BLKFLSBUF by blockdev plus a vmtouch check."""
+    size = b.size(256 * MiB, GiB)
+    name = size_name(size)
+    dev, fd = b.world.attach(size, "drop.img")
+    blockdev, vmtouch = b.tools["blockdev"], b.tools["vmtouch"]
+
+    def refill():
+        fill(fd, size)
+        time.sleep(SETTLE)
+
+    def composite():
+        walls, rss = 0.0, 0
+        for argv in ([b.py, "-c", "import click"], [blockdev, "--flushbufs", dev],
+                     [vmtouch, dev]):
+            wall, peak = b.runner.run(argv)
+            walls += wall
+            rss = max(rss, peak or 0)
+        left = cached_pages(fd, 0, size)
+        if left:
+            raise BenchError(f"blockdev --flushbufs left {left} pages cached")
+        return walls, rss or None
+
+    rows = [Row(
+        f"drop-{name}", f"`blkcache drop DEV`, {name} device fully cached, vs "
+        "`python -c 'import click'` + `blockdev --flushbufs DEV` + `vmtouch DEV`",
+        b.side("blkcache drop", b.blk + ["drop", dev]),    # exit 0: verified clean
+        Side("import click + blockdev --flushbufs + vmtouch", composite,
+             ["import click", "blockdev --flushbufs", "vmtouch"]),
+        wall_goal=1.0, skip=b.missing("vmtouch", "blockdev"))]
+    helper = os.path.join(b.pkg_dir, "blkcache-flush")
+    no_helper = None if os.access(helper, os.X_OK) else f"helper {helper} not built"
+    rows.append(Row(
+        f"helper-{name}", f"`blkcache-flush DEV` vs `blockdev --flushbufs DEV`, {name} "
+        "device fully cached",
+        b.side("blkcache-flush", [helper, dev]),
+        b.side("blockdev --flushbufs", [blockdev, "--flushbufs", dev]),
+        wall_goal=1.2, skip=no_helper or b.missing("blockdev")))
+    return [Group("drop", rows, lambda: alternate(rows, b.runs(2), before=refill))]
+
+
+def api(b):
+    """blkcache.status() and drop() in process against the same syscalls in C."""
+    size = b.size(256 * MiB, GiB)
+    name = size_name(size)
+    dev, fd = b.world.attach(size, "api.img")
+    timing, no_c = compile_c(b.world.workdir, "timing")
+    inner = 5 if b.quick else 40
+    py, c = [b.py, os.path.join(HERE, "api_timing.py")], [timing]
+
+    def refill():
+        fill(fd, size)
+        time.sleep(SETTLE)
+
+    def timed(argv, mode, n):
+        """Median seconds per call printed by a timing program (C or Python).
+
+        A drop starts at the same moment after the refill on both sides
+        (START_DELAY): how long the cache has sat since it was filled changes
+        the kernel's time by more than the difference being measured.
+        """
+        start = time.monotonic() + START_DELAY if mode == "drop" else 0
+        proc = subprocess.run([*argv, mode, dev, str(n), f"{start:.6f}"],
+                              capture_output=True, text=True, timeout=120,
+                              env=b.runner.env)
+        if proc.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} {mode}: {proc.stderr.strip()}")
+        vals = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+        if mode == "drop" and int(vals[0][1]) != 0:
+            raise BenchError(f"{' '.join(argv)} drop left {vals[0][1]} pages cached")
+        return statistics.median(float(v[0]) for v in vals), None
+
+    def pair(mode, n):
+        return (Side(f"blkcache.{mode}()", lambda: timed(py, mode, n), py + [mode]),
+                Side("C", lambda: timed(c, mode, n), c + [mode]))
+
+    rows = [
+        Row(f"api-drop-{name}", f"`blkcache.drop(DEV)` vs C (open, fstat, BLKGETSIZE64, "
+            f"cachestat, fdatasync, BLKFLSBUF, cachestat, close), {name} fully cached; "
+            "each timed around the call in a fresh process, 0.25 s after the refill, "
+            "right after an untimed status call", *pair("drop", 1), wall_goal=1.05,
+            skip=no_c),
+        Row(f"api-status-{name}", f"`blkcache.status(DEV)` vs C (open, fstat, BLKGETSIZE64, "
+            f"cachestat, close), {name} fully cached; median of {inner} calls",
+            *pair("status", inner), wall_goal=1.2, skip=no_c),
+    ]
+    empty = [Row("api-status-empty", "the same on an uncached device: the fixed cost of a "
+                 "call (no goal)", *pair("status", inner), skip=no_c)]
+
+    def run():
+        # the drop row needs a refill before every sample; status rows do not
+        alternate(rows[:1], b.runs(10), before=refill)
+        refill()
+        alternate(rows[1:], b.runs())
+        b.blkcache_mod.drop(dev)
+        alternate(empty, b.runs())
+    return [Group("api", rows + empty, run)]
+
+
+def scattered_pieces(size, share, seed=14):
+    """Sorted offsets of 1 MiB pieces covering ``share`` of [0, size), at random."""
+    import random
+
+    count = max(1, round(size // MiB * share))
+    return sorted(p * MiB for p in random.Random(seed).sample(range(size // MiB), count))
+
+
+def fill_pieces(device, pieces):
+    """Cache exactly these 1 MiB pieces: read through an fd without readahead."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for _ in range(3):
+            for off in pieces:
+                read_range(fd, off, MiB)
+            got = sum(cached_pages(fd, off, MiB) or 0 for off in pieces)
+            if got >= len(pieces) * MiB // PAGE:
+                return
+        if got < FILLED * len(pieces) * MiB // PAGE:
+            raise BenchError(f"fill: only {got} of {len(pieces) * MiB // PAGE} pages cached")
+    finally:
+        os.close(fd)
+
+
+def coherence(b):
+    """verify --coherence against an O_DIRECT dd of the same bytes."""
+    data = b.size(64 * MiB, GiB)
+    name = size_name(data)
+    dev, fd = b.world.attach(2 * data, "coherence.img", data=data)
+    no_dd = b.missing("dd", "sh")
+    verify = b.blk + ["verify", "--coherence", dev]
+    dd = [b.tools["dd"], f"if={dev}", "of=/dev/null", "bs=4M", f"count={data // (4 * MiB)}",
+          "iflag=direct", "status=none"]
+    full = [Row(f"coherence-{name}", f"`blkcache verify --coherence DEV`, {name} of random "
+                f"data fully cached (clean), vs `dd if=DEV of=/dev/null bs=4M "
+                f"count={data // (4 * MiB)} iflag=direct` (the same bytes read once)",
+                b.side("blkcache verify --coherence", verify), b.side("dd iflag=direct", dd),
+                wall_goal=1.5, skip=no_dd)]
+    pieces = scattered_pieces(data, 0.10)
+    script = os.path.join(b.world.workdir, "dd-pieces.sh")
+    with open(script, "w") as f:
+        f.write("set -e\n" + "".join(
+            f"{b.tools['dd']} if={dev} of=/dev/null bs=1M count=1 skip={off // MiB} "
+            "iflag=direct status=none\n" for off in pieces))
+    part = [Row(f"coherence-{name}-10pct", f"the same with 10 % of the {name} cached in "
+                f"{len(pieces)} scattered 1 MiB pieces, vs `dd ... bs=1M count=1 "
+                "skip=PIECE iflag=direct` of each piece (one sh script)",
+                b.side("blkcache verify --coherence", verify),
+                b.side("dd iflag=direct of each piece", [b.tools["sh"], script]),
+                wall_goal=1.5, skip=no_dd)]
+
+    def run():
+        alternate(full, b.runs(), before=lambda: fill(fd, data))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        fill_pieces(dev, pieces)
+        alternate(part, b.runs(), before=lambda: fill_pieces(dev, pieces))
+    return [Group("coherence", full + part, run)]
+
+
+def holders(b):
+    """status --holders with thousands of other processes, against fuser."""
+    count = b.size(100, 2000)
+    dev, _ = b.world.attach(16 * MiB, "holders.img")
+    fuser = [b.tools["fuser"], "-v", dev] if b.tools["fuser"] else None
+    rows = [Row(f"holders-{count}", f"`blkcache status --holders DEV` vs `fuser -v DEV`, "
+                f"{count} other processes running (the bench holds the device)",
+                b.side("blkcache status --holders", b.blk + ["status", "--holders", dev]),
+                b.side("fuser -v", fuser) if fuser else None, wall_goal=1.0,
+                skip=b.missing("fuser"))]
+
+    def run():
+        b.world.spawn(count)
+        try:
+            alternate(rows, b.runs())
+        finally:
+            b.world.reap()
+    return [Group("holders", rows, run)]
+
+
+def scaling(b):
+    """How status, drop and verify --coherence grow with the pages cached, and
+    status --holders with the processes running."""
+    sizes = (4 * MiB, 16 * MiB, 64 * MiB) if b.quick else (64 * MiB, GiB, 4 * GiB)
+    counts = (10, 50, 100) if b.quick else (100, 1000, 2000)
+    dev, fd = b.world.attach(sizes[-1] + 64 * MiB, "scale.img", data=sizes[-1])
+    hdev, _ = b.world.attach(16 * MiB, "scale-holders.img")
+    rows = {}
+    for size in sizes:
+        name = size_name(size)
+        for op, argv in (("status", ["status", dev]),
+                         ("verify --coherence", ["verify", "--coherence", dev]),
+                         ("drop", ["drop", dev])):
+            rows[op, size] = Row(
+                f"scale-{op.split()[-1].lstrip('-')}-{name}",
+                f"`blkcache {' '.join(argv[:-1])} DEV`, {name} cached",
+                b.side(f"blkcache {op}", b.blk + argv), scale=(op, size, "bytes cached"))
+    for count in counts:
+        rows["holders", count] = Row(
+            f"scale-holders-{count}", f"`blkcache status --holders DEV`, {count} other "
+            "processes", b.side("blkcache status --holders", b.blk + ["status", "--holders",
+                                                                      hdev]),
+            scale=("status --holders", count, "processes"))
+
+    def run():
+        for size in sizes:
+            fill(fd, size)
+            for op in ("status", "verify --coherence"):
+                alternate([rows[op, size]], b.runs(), before=lambda s=size: fill(fd, s))
+            alternate([rows["drop", size]], b.runs(), before=lambda s=size: fill(fd, s))
+        try:
+            for count in counts:
+                b.world.spawn(count - len(b.world.pids))
+                alternate([rows["holders", count]], b.runs())
+        finally:
+            b.world.reap()
+    return [Group("scaling", list(rows.values()), run)]
+
+
+#: Scenarios in the order they run, with the titles of the groups they make.
+SCENARIOS = [(("start-up",), startup), (("status", "flat"), status), (("drop",), drop),
+             (("api",), api), (("coherence",), coherence), (("holders",), holders),
+             (("scaling",), scaling)]
+
+
+# -- output ------------------------------------------------------------------------
 
 def fmt_time(seconds):
     if seconds is None:
@@ -486,7 +759,20 @@ def fmt_ratio(value):
     return "-" if value is None else f"{value:.3f}"
 
 
+def _print_columns(lines, out):
+    widths = [max(len(line[i]) for line in lines if len(line) == len(lines[0]))
+              for i in range(len(lines[0]))]
+    widths[0] = max(len(line[0]) for line in lines)
+    for line in lines:
+        if len(line) != len(lines[0]):
+            print(f"{line[0]:<{widths[0]}}  {line[1]}", file=out)
+        else:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(line, widths))), file=out)
+
+
 def print_table(results, out=sys.stdout):
+    results = [r for r in results if "scale" not in r]
     header = ("ROW", "BLKCACHE", "PEER", "RATIO", "PAIRED", "GOAL", "RSS", "PEER RSS", "RATIO",
               "GOAL", "MET")
     lines = [header]
@@ -504,15 +790,7 @@ def print_table(results, out=sys.stdout):
                       f"<={g['wall_ratio_max']}" if g["wall_ratio_max"] else "-",
                       fmt_rss(b.get("rss_median_kib")), fmt_rss(p.get("rss_median_kib")),
                       fmt_ratio(r.get("rss_ratio")), rss_goal, met))
-    widths = [max(len(line[i]) for line in lines if len(line) == len(header))
-              for i in range(len(header))]
-    widths[0] = max(len(line[0]) for line in lines)
-    for line in lines:
-        if len(line) != len(header):
-            print(f"{line[0]:<{widths[0]}}  {line[1]}", file=out)
-        else:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(line, widths))), file=out)
+    _print_columns(lines, out)
     print("RATIO: blkcache / peer of the medians, judged against GOAL; PAIRED: median of "
           "the run-by-run ratios (shown, not judged); RSS: peak, median", file=out)
     for r in results:
@@ -521,238 +799,47 @@ def print_table(results, out=sys.stdout):
             print(f"  {r['name']}: {r['what']}" + (f" (peer: {peer})" if peer else ""), file=out)
 
 
-def build_rows(args, world, runner, workdir, blkcache_mod, pkg_dir):
-    py = args.python
-    quick = args.quick
-    notes = {}
-    script, script_note = console_script(py, workdir)
-    notes["console_script"] = script_note
-    vmtouch = shutil.which("vmtouch")
-    blockdev = shutil.which("blockdev")
-    fincore = shutil.which("fincore")
-    fincore_ver = tool_version([fincore, "--version"]) if fincore else None
-    notes["vmtouch"] = vmtouch
-    notes["fincore_version"] = ".".join(map(str, fincore_ver)) if fincore_ver else None
-    no_vmtouch = None if vmtouch else "vmtouch not installed (apt-get install vmtouch)"
-    if not fincore:
-        no_fincore = "fincore not installed (util-linux)"
-    elif fincore_ver is None or fincore_ver < (2, 40):
-        no_fincore = (f"fincore {notes['fincore_version']} < 2.40 reads st_size and sees "
-                      "a block device as empty")
-    else:
-        no_fincore = None
-    blk = script  # the console-script entry point: what users run
+def growth(points):
+    """The exponent k of time ~ amount^k between the last two points (where a
+    fixed cost such as start-up weighs least), and a word for it."""
+    (a0, t0), (a1, t1) = points[-2], points[-1]
+    if not (t0 and t1) or a1 == a0:
+        return None, "-"
+    k = math.log(t1 / t0) / math.log(a1 / a0)
+    word = ("flat" if k < 0.15 else "sublinear" if k < 0.8 else
+            "linear" if k < 1.2 else "superlinear")
+    return k, word
 
-    def cmd(argv, expect=(0,)):
-        return lambda: runner.run(argv, expect)
 
-    # 1. start-up --------------------------------------------------------------
-    import_click = [py, "-c", "import click"]
-    start = [
-        Row("startup", "`blkcache --version` (console script) vs `python -c 'import click'`",
-            Side("blkcache --version", cmd(script + ["--version"]), script + ["--version"]),
-            Side("import click", cmd(import_click), import_click), wall_goal=1.15),
-        Row("startup-m", "`python -m blkcache --version` vs `python -c 'import click'`",
-            Side("python -m blkcache --version", cmd([py, "-m", "blkcache", "--version"]),
-                 [py, "-m", "blkcache", "--version"]),
-            Side("import click", cmd(import_click), import_click), wall_goal=1.15),
-    ]
-    yield "start-up", start, lambda: alternate(start, 3 if quick else args.runs * 4)
-
-    # 2. status of a big sparse device ---------------------------------------------
-    big = 16 * GiB if quick else TiB
-    cached = 64 * MiB if quick else 256 * MiB
-    dev, fd = world.attach(big, "big.img")
-    fill(fd, cached)
-    bigname = "16G" if quick else "1T"
-    lengths = ("1G",) if quick else ("1G", "64G")
-    status_rows = []
-    vm = Side(f"vmtouch DEV ({bigname})", cmd([vmtouch, dev]), [vmtouch, dev]) \
-        if vmtouch else None
-    status_rows.append(Row(
-        f"status-{bigname}", f"`blkcache status DEV`, {bigname} sparse device, "
-        f"{cached // MiB} MiB cached (cachestat)",
-        Side("blkcache status", cmd(blk + ["status", dev]), blk + ["status", dev]), vm,
-        wall_goal=0.05, rss_goal=0.15, skip=no_vmtouch))
-    for length in lengths:
-        peer = [vmtouch, "-p", f"0-{length}", dev]
-        status_rows.append(Row(
-            f"status-{bigname}-len{length}",
-            f"`blkcache status --length {length} DEV` vs `vmtouch -p 0-{length} DEV`",
-            Side(f"blkcache status --length {length}",
-                 cmd(blk + ["status", "--length", length, dev]),
-                 blk + ["status", "--length", length, dev]),
-            Side(f"vmtouch -p 0-{length}", cmd(peer), peer) if vmtouch else None,
-            skip=no_vmtouch))
-    mc = blk + ["status", "--interface", "mincore", dev]
-    mc_side = Side("blkcache status --interface mincore", cmd(mc), mc)
-    status_rows.append(Row(
-        f"status-mincore-{bigname}", f"`blkcache status --interface mincore DEV`, "
-        f"{bigname} device (the pre-6.5 kernel path) vs `vmtouch DEV`",
-        mc_side, vm, wall_goal=0.75,
-        rss_limit_kib=40 * 1024, skip=no_vmtouch))
-    fc = [fincore, dev] if fincore else None
-    status_rows.append(Row(
-        f"status-{bigname}-fincore", "`blkcache status DEV` vs `fincore DEV`",
-        Side("blkcache status", cmd(blk + ["status", dev]), blk + ["status", dev]),
-        Side("fincore DEV", cmd(fc), fc) if not no_fincore else None, skip=no_fincore))
-    # vmtouch DEV is shared by two rows: measure it once per run.
-    measured = []
-    seen = set()
-    for r in status_rows:
-        if r.skip:
-            continue
-        for s in (r.blk, r.peer):
-            if id(s) not in seen:
-                seen.add(id(s))
-                measured.append(s)
-
-    def run_status():
-        # Rows sharing one Side object see its samples.
-        alternate([Row("x", "", s) for s in measured], 1 if quick else args.runs)
-        if not quick:
-            # More samples of the quick commands (everything but a whole-device
-            # scan): their medians make the flatness rows below.
-            slow = {id(vm), id(mc_side), id(status_rows[-1].peer)}
-            alternate([Row("x", "", s) for s in measured if id(s) not in slow],
-                      args.runs * 2, warmup=False)
-    yield "status", status_rows, run_status
-
-    # flatness: blkcache status time against the range length
-    flat = []
-    for length in lengths:
-        a = next(r for r in status_rows if r.name == f"status-{bigname}")
-        b = next(r for r in status_rows if r.name == f"status-{bigname}-len{length}")
-        row = Row(f"flat-{bigname}/{length}", f"`blkcache status` wall on {bigname} / on "
-                  f"--length {length} (flat in device size: about 1)", wall_goal=1.15,
-                  skip=a.skip or b.skip)
-        row.parts = (a, b)
-        flat.append(row)
-
-    def run_flat():
-        for row in flat:
-            if row.skip:
-                continue
-            if not (row.parts[0].blk.walls and row.parts[1].blk.walls):
-                row.skip = "status rows not run"
-                continue
-            a, b = row.parts
-            wa, wb = statistics.median(a.blk.walls), statistics.median(b.blk.walls)
-            row.derived = {"blkcache": {"label": a.blk.label, "wall_median": wa},
-                           "peer": {"label": b.blk.label, "wall_median": wb},
-                           "wall_ratio": wa / wb}
-    yield "flat", flat, run_flat
-
-    # 3. drop of a fully cached device ---------------------------------------------
-    dsize = 256 * MiB if quick else GiB
-    dname = "256M" if quick else "1G"
-    ddev, dfd = world.attach(dsize, "drop.img")
-
-    def refill():
-        fill(dfd, dsize)
-        time.sleep(SETTLE)
-
-    def composite():
-        steps = [import_click, [blockdev, "--flushbufs", ddev], [vmtouch, ddev]]
-        walls, rss = 0.0, 0
-        for argv in steps:
-            w, r = runner.run(argv)
-            walls += w
-            rss = max(rss, r)
-        left = cached_pages(dfd, dsize)
-        if left:
-            raise BenchError(f"blockdev --flushbufs left {left} pages cached")
-        return walls, rss
-
-    def cli_drop():
-        out = runner.run(blk + ["drop", ddev])   # exit 0: verified clean
-        return out
-
-    no_drop_peer = no_vmtouch or (None if blockdev else "blockdev not installed")
-    drop_rows = [Row(
-        f"drop-{dname}", f"`blkcache drop DEV`, {dname} device fully cached, vs "
-        "`python -c 'import click'` + `blockdev --flushbufs DEV` + `vmtouch DEV`",
-        Side("blkcache drop", cli_drop, blk + ["drop", ddev]),
-        Side("import click + blockdev --flushbufs + vmtouch", composite,
-             ["import click", "blockdev --flushbufs", "vmtouch"]),
-        wall_goal=1.2, skip=no_drop_peer)]
-
-    helper = os.path.join(pkg_dir, "blkcache-flush")
-    no_helper = None if os.access(helper, os.X_OK) else f"helper {helper} not built"
-    if not no_helper and not blockdev:
-        no_helper = "blockdev not installed"
-    drop_rows.append(Row(
-        f"helper-{dname}", f"`blkcache-flush DEV` vs `blockdev --flushbufs DEV`, {dname} "
-        "device fully cached",
-        Side("blkcache-flush", cmd([helper, ddev]), [helper, ddev]),
-        Side("blockdev --flushbufs", cmd([blockdev, "--flushbufs", ddev]),
-             [blockdev, "--flushbufs", ddev]),
-        wall_goal=1.2, skip=no_helper))
-    yield "drop", drop_rows, lambda: alternate(drop_rows, 1 if quick else args.runs * 2,
-                                               before=refill)
-
-    # 4. in-process API against C ---------------------------------------------------
-    timing, no_c = compile_c(workdir, "timing", C_TIMING)
-    inner = 5 if quick else 40
-
-    py_timing = os.path.join(workdir, "timing.py")
-    with open(py_timing, "w") as f:
-        f.write(PY_TIMING)
-
-    def timed(argv, mode, n):
-        """Median seconds per call printed by a timing program (C or Python).
-
-        A drop starts at the same moment after the refill on both sides
-        (START_DELAY): how long the cache has sat since it was filled changes
-        the kernel's time by more than the difference being measured.
-        """
-        start = time.monotonic() + START_DELAY if mode == "drop" else 0
-        proc = subprocess.run([*argv, mode, ddev, str(n), f"{start:.6f}"],
-                              capture_output=True, text=True, timeout=120, env=runner.env)
-        if proc.returncode != 0:
-            raise BenchError(f"{' '.join(argv)} {mode}: {proc.stderr.strip()}")
-        vals = [line.split() for line in proc.stdout.split("\n") if line.strip()]
-        if mode == "drop" and int(vals[0][1]) != 0:
-            raise BenchError(f"{' '.join(argv)} drop left {vals[0][1]} pages cached")
-        return statistics.median(float(v[0]) for v in vals), None
-
-    py = [args.python, py_timing]
-    c = [timing]
-
-    api_rows = [
-        Row(f"api-drop-{dname}", f"`blkcache.drop(DEV)` vs C (open, fstat, BLKGETSIZE64, "
-            f"cachestat, fdatasync, BLKFLSBUF, cachestat, close), {dname} fully cached; "
-            "each timed around the call in a fresh process, 0.25 s after the refill, "
-            "right after an untimed status call",
-            Side("blkcache.drop()", lambda: timed(py, "drop", 1), py + ["drop"]),
-            Side("C", lambda: timed(c, "drop", 1), c + ["drop"]), wall_goal=1.05, skip=no_c),
-        Row(f"api-status-{dname}", f"`blkcache.status(DEV)` vs C (open, fstat, BLKGETSIZE64, "
-            f"cachestat, close), {dname} fully cached; median of {inner} calls",
-            Side("blkcache.status()", lambda: timed(py, "status", inner), py + ["status"]),
-            Side("C", lambda: timed(c, "status", inner), c + ["status"]),
-            wall_goal=1.2, skip=no_c),
-    ]
-    empty_rows = [
-        Row("api-status-empty", "the same on an uncached device: the fixed cost of a "
-            "call (no goal)",
-            Side("blkcache.status()", lambda: timed(py, "status", inner), py + ["status"]),
-            Side("C", lambda: timed(c, "status", inner), c + ["status"]), skip=no_c)]
-
-    def run_api():
-        # the drop row needs a refill before every sample; status rows do not
-        alternate(api_rows[:1], 1 if quick else args.runs * 10, before=refill)
-        refill()
-        alternate(api_rows[1:], 1 if quick else args.runs)
-        blkcache_mod.drop(ddev)
-        alternate(empty_rows, 1 if quick else args.runs)
-    yield "api", api_rows + empty_rows, run_api
-    world.notes.update(notes)
+def print_scaling(results, out=sys.stdout):
+    """The scaling table: one line per operation, one column per amount."""
+    ops = {}
+    for r in results:
+        if "scale" in r and not r["skipped"]:
+            s = r["scale"]
+            ops.setdefault((s["unit"], s["operation"]), []).append(
+                (s["amount"], r["blkcache"]["wall_median"]))
+    if not ops:
+        return
+    print("\nSCALING: median wall time; k: time grows as amount^k between the last two "
+          "columns (0 flat, 1 linear)", file=out)
+    for unit in dict.fromkeys(u for u, _ in ops):
+        table = [(op, pts) for (u, op), pts in ops.items() if u == unit]
+        amounts = [a for a, _ in table[0][1]]
+        names = [size_name(a) if unit == "bytes cached" else f"{a:,}" for a in amounts]
+        lines = [(f"{unit.upper()}:", *names, "k", "GROWTH")]
+        for op, pts in table:
+            k, word = growth(pts)
+            lines.append((op, *(fmt_time(t) for _, t in pts),
+                          "-" if k is None else f"{k:.2f}", word))
+        _print_columns(lines, out)
 
 
 def machine_info(python):
     info = {"kernel": platform.release(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": python,
-            "python_version": platform.python_version()}
+            "python_version": platform.python_version(),
+            "loadavg_start": os.getloadavg()}
     try:
         from importlib.metadata import version
         info["click"] = version("click")
@@ -789,9 +876,9 @@ def parse_args(argv=None):
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for blkcache and the click baseline (default: this one)")
     p.add_argument("--check", action="store_true", help="exit 1 if a goal is missed")
-    p.add_argument("--table", metavar="JSON", help="print the table of an earlier run and exit")
-    p.add_argument("--only", metavar="GROUP,...",
-                   help="run only these groups: start-up, status, flat, drop, api")
+    p.add_argument("--table", metavar="JSON", help="print the tables of an earlier run and exit")
+    titles = ", ".join(t for titles, _ in SCENARIOS for t in titles)
+    p.add_argument("--only", metavar="GROUP,...", help=f"run only these groups: {titles}")
     return p.parse_args(argv)
 
 
@@ -799,11 +886,30 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def measure(bench, only):
+    """Run the scenarios (those of ``only`` if given); the results of their rows."""
+    results = []
+    for titles, scenario in SCENARIOS:
+        if only and not only.intersection(titles):
+            continue
+        for group in scenario(bench):
+            if only and group.title not in only:
+                continue
+            t0 = time.perf_counter()
+            group.run()
+            print(f"bench: {group.title}: {time.perf_counter() - t0:.1f}s", file=sys.stderr,
+                  flush=True)
+            results.extend(row.result() for row in group.rows)
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         with open(args.table) as f:
-            print_table(json.load(f)["rows"])
+            rows = json.load(f)["rows"]
+        print_table(rows)
+        print_scaling(rows)
         return 0
     if os.geteuid() != 0:
         print("bench: needs root (loop devices, BLKFLSBUF)", file=sys.stderr)
@@ -814,24 +920,16 @@ def main(argv=None):
     blkcache_mod, pkg_dir = find_blkcache()
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
+    info = machine_info(args.python)
     world = World()
-    world.notes = {"workdir": world.workdir}
     runner = None
-    results = []
     try:
         print(f"bench: workdir {world.workdir}", file=sys.stderr, flush=True)
-        launcher, no_launcher = compile_c(world.workdir, "launch", C_LAUNCH)
+        launcher, no_launcher = compile_c(world.workdir, "launch")
         world.notes["rss"] = no_launcher or "ru_maxrss of the child, via a small C launcher"
         runner = Runner(world.workdir, child_env(world.workdir), launcher)
-        for title, rows, run in build_rows(args, world, runner, world.workdir,
-                                           blkcache_mod, pkg_dir):
-            if args.only and title not in args.only.split(","):
-                continue
-            t0 = time.perf_counter()
-            run()
-            print(f"bench: {title}: {time.perf_counter() - t0:.1f}s", file=sys.stderr,
-                  flush=True)
-            results.extend(row.result() for row in rows)
+        bench = Bench(args, world, runner, blkcache_mod, pkg_dir)
+        results = measure(bench, set(args.only.split(",")) if args.only else None)
     except KeyboardInterrupt:
         print("bench: interrupted; cleaning up", file=sys.stderr)
         return 130
@@ -850,13 +948,16 @@ def main(argv=None):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     elapsed = time.perf_counter() - started
-    report = {"machine": machine_info(args.python), "quick": args.quick, "runs": args.runs,
+    info["loadavg_end"] = os.getloadavg()
+    report = {"machine": info, "quick": args.quick, "runs": args.runs,
               "blkcache": pkg_dir, "notes": world.notes, "elapsed_s": elapsed,
               "rows": results}
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     print_table(results)
-    print(f"bench: {elapsed:.0f}s, JSON in {args.json}", file=sys.stderr)
+    print_scaling(results)
+    print(f"bench: {elapsed:.0f}s, load average {info['loadavg_start'][0]:.2f} at the start, "
+          f"{info['loadavg_end'][0]:.2f} at the end; JSON in {args.json}", file=sys.stderr)
     missed = [r["name"] for r in results if r["met"] is False]
     if missed:
         print(f"bench: goals missed: {', '.join(missed)}", file=sys.stderr)

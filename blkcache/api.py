@@ -8,13 +8,13 @@ does with several devices: the same expansion, checks and exit codes.
 """
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from . import exitcodes
 from .constants import DEFAULT_RETRIES, MAX_TARGETS, PAGE_SIZE
 from .errors import BlkcacheError, MissingNodeError, UsageError
 from .ranges import Range
+from .record import MutableRecord, Record, record
 from .residency import UNKNOWN_REASON
 from .results import CacheState, DropResult, StatusReport, Verification
 from .sizes import format_size, parse_size
@@ -38,8 +38,8 @@ def open_targets(paths, stack, offset=0, length=None):
     return targets
 
 
-@dataclass(frozen=True)
-class Outcome:
+@record
+class Outcome(Record):
     """What run() got for one device: a ``result``, or the ``error`` (an
     OSError or BlkcacheError) that stopped it; ``code`` is its exit code.
     With ``recursive``, ``relation`` is how the device relates to one named
@@ -51,18 +51,26 @@ class Outcome:
     code: int
     relation: Any = None
 
+    def __init__(self, path, result, error, code, relation=None):
+        self.__dict__.update(path=path, result=result, error=error, code=code,
+                             relation=relation)
 
-@dataclass
-class Batch:
+
+@record
+class Batch(MutableRecord):
     """What run() did: an Outcome per device, in order, and the exit code of
     the whole (blkcache.exitcodes.combine: 32 all failed, 64 some failed).
     Without ``recursive``, ``not_checked`` lists the related devices of those
     named that were left out (blkcache.stack.Related: partitions, disk,
     slaves, holders)."""
 
-    outcomes: List[Outcome] = field(default_factory=list)
+    outcomes: List[Outcome]
     code: int = exitcodes.OK
-    not_checked: List[Any] = field(default_factory=list)
+    not_checked: List[Any] = None
+
+    def __init__(self, outcomes=None, code=exitcodes.OK, not_checked=None):
+        self.__dict__.update(outcomes=[] if outcomes is None else outcomes, code=code,
+                             not_checked=[] if not_checked is None else not_checked)
 
     @property
     def results(self):

@@ -11,24 +11,32 @@ the caller has (other users' /proc/PID/fd needs root or CAP_SYS_PTRACE):
   dev:inode is the device node's, or whose path under /dev is the device;
 - mounts: /proc/self/mountinfo lines whose major:minor is the device;
 - stacked devices: /sys/dev/block/MAJ:MIN/holders (dm, md, bcache ...).
+
+The /proc scan (fds and maps) is native (blkcache_scan_holders: getdents64,
+readlinkat, one read of each maps file, a thread per CPU up to four): with
+thousands of processes it is what the time goes to.
 """
 
 import os
-import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Tuple
 
+from . import native
+from .record import Record, record
 from .sysfs import dev_dir, dev_path, listdir, rdev_of
 
 
-@dataclass(frozen=True)
-class ProcessHolder:
+@record
+class ProcessHolder(Record):
     """A process holding the device: open descriptors and/or mappings."""
 
     pid: int
     command: str
     fds: Tuple[int, ...] = ()
     mapped: bool = False
+
+    def __init__(self, pid, command, fds=(), mapped=False):
+        self.__dict__.update(pid=pid, command=command, fds=fds, mapped=mapped)
 
     def describe(self):
         what = []
@@ -39,29 +47,35 @@ class ProcessHolder:
         return f"process {self.pid} ({self.command}) {' '.join(what)}"
 
 
-@dataclass(frozen=True)
-class MountHolder:
+@record
+class MountHolder(Record):
     mount_point: str
     fstype: str
     mount_id: int
+
+    def __init__(self, mount_point, fstype, mount_id):
+        self.__dict__.update(mount_point=mount_point, fstype=fstype, mount_id=mount_id)
 
     def describe(self):
         return f"mount {self.mount_point} ({self.fstype})"
 
 
-@dataclass(frozen=True)
-class StackedHolder:
+@record
+class StackedHolder(Record):
     """A device stacked on this one (sysfs holders), e.g. dm-0."""
 
     name: str
     path: Optional[str]
 
+    def __init__(self, name, path):
+        self.__dict__.update(name=name, path=path)
+
     def describe(self):
         return f"holder {self.name}" + (f" ({self.path})" if self.path else "")
 
 
-@dataclass(frozen=True)
-class Holders:
+@record
+class Holders(Record):
     path: str
     rdev: Optional[Tuple[int, int]]
     processes: Tuple[ProcessHolder, ...]
@@ -69,6 +83,10 @@ class Holders:
     stacked: Tuple[StackedHolder, ...]
     #: pids whose fds/maps could not be read (permission): the list may be short.
     unreadable: int = 0
+
+    def __init__(self, path, rdev, processes, mounts, stacked, unreadable=0):
+        self.__dict__.update(path=path, rdev=rdev, processes=processes, mounts=mounts,
+                             stacked=stacked, unreadable=unreadable)
 
     @property
     def held(self):
@@ -82,12 +100,6 @@ class Holders:
         return data
 
 
-def _pids(proc="/proc"):
-    for name in os.listdir(proc):
-        if name.isdigit():
-            yield int(name)
-
-
 def _command(pid, proc):
     try:
         with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="replace") as f:
@@ -96,75 +108,29 @@ def _command(pid, proc):
         return "?"
 
 
-def _fds_on(pid, rdev, proc, skip):
-    """Descriptors of pid open on block device rdev; raises PermissionError."""
-    out = []
-    base = f"{proc}/{pid}/fd"
-    for name in os.listdir(base):
-        fd = int(name)
-        if (pid, fd) in skip:
-            continue
-        link = f"{base}/{name}"
-        try:
-            target = os.readlink(link)
-            if not target.startswith("/dev/"):
-                continue
-            st = os.stat(link)
-        except OSError:
-            continue   # closed meanwhile
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
-            out.append(fd)
-    return tuple(sorted(out))
-
-
-def _mapped(pid, rdev, node_ids, proc, stat_cache):
-    with open(f"{proc}/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            if len(parts) < 6:
-                continue
-            dev, inode, path = parts[3], int(parts[4]), parts[5].rstrip("\n")
-            if inode == 0:
-                continue
-            major, minor = (int(x, 16) for x in dev.split(":"))
-            if (os.makedev(major, minor), inode) in node_ids:
-                return True
-            if path.startswith("/dev/"):
-                if path not in stat_cache:
-                    try:
-                        st = os.stat(path)
-                        stat_cache[path] = st.st_rdev if stat.S_ISBLK(st.st_mode) else None
-                    except OSError:
-                        stat_cache[path] = None
-                if stat_cache[path] == rdev:
-                    return True
-    return False
-
-
 def process_holders(rdev, node_ids=(), proc="/proc", skip=()):
     """ProcessHolder for every process with an fd or mapping on block device rdev.
 
     ``node_ids``: (st_dev, st_ino) pairs of device nodes known to be this device
-    (for maps, which name the node's inode).  ``skip``: (pid, fd) pairs to
-    ignore.  Returns (holders, unreadable_pid_count).
+    (for maps, which name the node's inode).  ``skip``: at most one (pid, fd)
+    pair to ignore.  Returns (holders, unreadable_pid_count).  The scan is the
+    native blkcache_scan_holders (one pass over proc, a read of each maps file).
     """
-    holders, unreadable = [], 0
-    node_ids = set(node_ids)
-    stat_cache = {}
-    for pid in _pids(proc):
-        try:
-            fds = _fds_on(pid, rdev, proc, skip)
-            mapped = _mapped(pid, rdev, node_ids, proc, stat_cache)
-        except PermissionError:
-            unreadable += 1
-            continue
-        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-            continue   # exited meanwhile
-        except OSError:
-            continue
-        if fds or mapped:
-            holders.append(ProcessHolder(pid, _command(pid, proc), fds, mapped))
-    return tuple(holders), unreadable
+    node_ids = list(node_ids)
+    skip = list(skip) or [(-1, -1)]
+    if len(skip) > 1:
+        raise ValueError("skip: at most one (pid, fd) pair")
+    records, unreadable = native.scan_holders(proc, rdev, node_ids, skip[0], proc)
+    found = {}
+    for pid, fd in records:
+        fds, mapped = found.setdefault(pid, ([], [False]))
+        if fd < 0:
+            mapped[0] = True
+        else:
+            fds.append(fd)
+    holders = tuple(ProcessHolder(pid, _command(pid, proc), tuple(fds), mapped[0])
+                    for pid, (fds, mapped) in found.items())
+    return holders, unreadable
 
 
 def _unescape(field):

@@ -1,4 +1,4 @@
-"""Attach and detach loop devices with losetup(8), for the demo and tests."""
+"""Attach and detach loop devices with losetup(8), for the demo, tests and bench."""
 
 import subprocess
 import time
@@ -26,13 +26,23 @@ def _losetup(*args):
     return proc.stdout.strip()
 
 
-def attach(backing, read_only=False, partscan=False):
-    """Attach ``backing`` to a free loop device; its path (/dev/loopN)."""
+def attach(backing, read_only=False, partscan=False, direct_io=False):
+    """Attach ``backing`` to a free loop device; its path (/dev/loopN).
+
+    ``direct_io``: the loop device reads and writes its backing file with
+    O_DIRECT, so that its own page cache is the only copy (as on a real host);
+    where the backing file system cannot, the device is attached without.
+    """
     args = ["--find", "--show"]
     if read_only:
         args.append("--read-only")
     if partscan:
         args.append("--partscan")
+    if direct_io:
+        try:
+            return _losetup(*args, "--direct-io=on", str(backing))
+        except BlkcacheError:
+            pass
     return _losetup(*args, str(backing))
 
 

@@ -6,6 +6,7 @@ Python values, and turns the C convention (-1 with errno) into
 ``OSError(errno, strerror, path)``; ``path`` only names the file in that error.
 """
 
+import errno
 import os
 
 from ._native import ffi, lib
@@ -23,12 +24,12 @@ def _error(path):
     return OSError(err, os.strerror(err), path)
 
 
-def fd_info(fd, path=None):
-    """(st_mode, size in bytes, (major, minor) of a block device else (0, 0))."""
-    info = ffi.new("struct blkcache_info *")
-    if lib.blkcache_fd_info(fd, info) != 0:
+def device_size(fd, path=None):
+    """ioctl BLKGETSIZE64: a block device's size in bytes."""
+    size = ffi.new("uint64_t *")
+    if lib.blkcache_device_size(fd, size) != 0:
         raise _error(path)
-    return info.mode, info.size, (info.rdev_major, info.rdev_minor)
+    return size[0]
 
 
 def cachestat(fd, offset, length, path=None):
@@ -94,13 +95,48 @@ def resident_runs(fd, offset, length, max_runs, path=None):
     return [(runs[2 * i], runs[2 * i + 1]) for i in range(nruns[0])]
 
 
-def read_resident(fd, offset, length, buf, vec, path=None):
-    """Copy the resident pages of a range into ``buf`` (a writable buffer of at
-    least ``length`` bytes) without reading any page in; ``vec`` (a writable
-    buffer of a byte per page) gets 1 for each page copied, 0 for the others."""
-    if lib.blkcache_read_resident(fd, offset, length, ffi.from_buffer(buf),
-                                  ffi.from_buffer("unsigned char[]", vec)) != 0:
-        raise _error(path)
+#: blkcache_compare_resident(): what a page of ``result`` asks and tells.
+PAGE_SKIP = lib.BLKCACHE_PAGE_SKIP
+PAGE_WANTED = lib.BLKCACHE_PAGE_WANTED
+PAGE_GONE = lib.BLKCACHE_PAGE_GONE
+PAGE_SAME = lib.BLKCACHE_PAGE_SAME
+PAGE_DIFFERS = lib.BLKCACHE_PAGE_DIFFERS
+
+
+def compare_resident(fd, offset, length, disk, disk_at, disk_valid, result, path=None):
+    """Compare the cached pages of a range with the device's bytes, reading
+    no page in: ``disk[disk_at:]`` (a buffer) holds the device's bytes of the
+    range, the first ``disk_valid`` of them valid.  ``result`` (a writable
+    buffer, a byte per page): PAGE_WANTED or PAGE_SKIP in, PAGE_GONE,
+    PAGE_SAME or PAGE_DIFFERS out for the pages wanted.  Returns the major
+    faults taken meanwhile (pages read in after all: normally 0)."""
+    faults = ffi.new("uint64_t *")
+    with ffi.from_buffer(disk) as base, \
+            ffi.from_buffer("unsigned char[]", result, require_writable=True) as res:
+        if lib.blkcache_compare_resident(fd, offset, length, base + disk_at, disk_valid,
+                                         res, faults) != 0:
+            raise _error(path)
+    return faults[0]
+
+
+def scan_holders(proc, rdev, nodes=(), skip=(-1, -1), path=None):
+    """Processes under ``proc`` with a descriptor on block device ``rdev`` or a
+    mapping of it (``nodes``: (st_dev, st_ino) of its device nodes), but not
+    ``skip`` (pid, fd): ([(pid, fd), ...] in pid order, fd -1 for a mapping,
+    number of processes that could not be read)."""
+    flat = ffi.new("uint64_t[]", [x for pair in nodes for x in pair] or [0])
+    nout = ffi.new("uint64_t *")
+    unreadable = ffi.new("uint64_t *")
+    room = 64
+    while True:
+        out = ffi.new("struct blkcache_holder[]", room)
+        if lib.blkcache_scan_holders(os.fsencode(proc), rdev, flat, len(nodes), skip[0],
+                                     skip[1], out, room, nout, unreadable) == 0:
+            break
+        if ffi.errno != errno.ENOBUFS:
+            raise _error(path)
+        room = nout[0] + 64      # processes came meanwhile: room to spare
+    return [(out[i].pid, out[i].fd) for i in range(nout[0])], unreadable[0]
 
 
 def effective_caps():

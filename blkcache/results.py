@@ -1,12 +1,15 @@
 """What the API returns: the page-cache state of a range, a drop's result, a
-verification.  Plain frozen dataclasses; to_dict() gives their JSON form."""
+verification.  Frozen dataclasses (blkcache.record: their methods written
+out, not generated at import); to_dict() gives their JSON form."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional
 
+from .record import Record, record
 
-@dataclass(frozen=True)
-class CacheState:
+
+@record
+class CacheState(Record):
     """Page-cache state of a byte range of a device or file.
 
     ``cached``, ``dirty``, ``writeback``, ``evicted`` and ``recently_evicted``
@@ -36,6 +39,15 @@ class CacheState:
     #: None where mincore(2) answered, which cannot see past the end.
     beyond_end: Optional[int] = 0
 
+    def __init__(self, path, device, kind, size, page_size, offset, length, pages, cached,
+                 dirty, writeback, evicted, recently_evicted, interface, exact, reason=None,
+                 beyond_end=0):
+        self.__dict__.update(
+            path=path, device=device, kind=kind, size=size, page_size=page_size,
+            offset=offset, length=length, pages=pages, cached=cached, dirty=dirty,
+            writeback=writeback, evicted=evicted, recently_evicted=recently_evicted,
+            interface=interface, exact=exact, reason=reason, beyond_end=beyond_end)
+
     @property
     def cached_bytes(self):
         return None if self.cached is None else self.cached * self.page_size
@@ -51,8 +63,8 @@ class CacheState:
         return data
 
 
-@dataclass(frozen=True)
-class DropResult:
+@record
+class DropResult(Record):
     """What drop() did: the method used, the states before and after."""
 
     path: str
@@ -63,6 +75,10 @@ class DropResult:
     after: CacheState
     #: Set when auto had to fall back to posix_fadvise on a whole block device.
     warning: Optional[str] = None
+
+    def __init__(self, path, device, method, attempts, before, after, warning=None):
+        self.__dict__.update(path=path, device=device, method=method, attempts=attempts,
+                             before=before, after=after, warning=warning)
 
     @property
     def remaining(self):
@@ -88,19 +104,22 @@ class DropResult:
                 "warning": self.warning}
 
 
-@dataclass(frozen=True)
-class Verification:
+@record
+class Verification(Record):
     """verify(): "clean", "resident" or "unknown", with the state behind it."""
 
     verdict: str
     state: CacheState
 
+    def __init__(self, verdict, state):
+        self.__dict__.update(verdict=verdict, state=state)
+
     def to_dict(self):
         return {"verdict": self.verdict, **self.state.to_dict()}
 
 
-@dataclass(frozen=True)
-class StatusReport:
+@record
+class StatusReport(Record):
     """status with its extras: the CacheState, and when asked for, who holds
     the device (blkcache.holders.Holders) and where its pages are cached
     (blkcache.resmap.ResidencyMap)."""
@@ -108,6 +127,9 @@ class StatusReport:
     state: CacheState
     holders: Optional[object] = None
     map: Optional[object] = None
+
+    def __init__(self, state, holders=None, map=None):
+        self.__dict__.update(state=state, holders=holders, map=map)
 
     def to_dict(self):
         data = self.state.to_dict()

@@ -34,30 +34,88 @@ def _check(st, path):
             f"not a block device or regular file ({kind_name(st.st_mode)})", path)
 
 
+def _reopen(pfd, path, flags, st):
+    """Open what the O_PATH fd pfd refers to, for real, through /proc."""
+    try:
+        return os.open(f"/proc/self/fd/{pfd}", flags)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT or os.path.isdir("/proc/self/fd"):
+            raise from_errno(exc.errno, path) from None
+    # No /proc: open the path again, and make sure it is the same file.
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise from_errno(exc.errno, path) from None
+    again = os.fstat(fd)
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise from_errno(errno.ESTALE, path)
+    return fd
+
+
 def open_checked(path, flags):
     """An fd of ``path`` opened with ``flags``; UnsupportedFileError, without
     opening it, when it is not a block device or regular file."""
-    try:
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise from_errno(exc.errno, path) from None
+    return open_target(path, flags)[0]
+
+
+def _dev_is_a_directory():
+    """Whether /dev is a directory, not a symlink (asked once)."""
+    global _dev_checked
+    if _dev_checked is None:
+        try:
+            _dev_checked = stat.S_ISDIR(os.lstat("/dev").st_mode)
+        except OSError:
+            _dev_checked = False
+    return _dev_checked
+
+
+_dev_checked = None
+
+
+def open_target(path, flags):
+    """(fd, stat of it, canonical path) of ``path`` opened with ``flags``;
+    UnsupportedFileError, without opening it, when it is not a block device
+    or regular file.
+
+    The canonical path is os.path.realpath(path), found without a syscall
+    for a node directly in /dev that is not a symlink (/dev/loop0, the
+    common case), else read back from /proc/self/fd.
+    """
+    simple = path.startswith("/dev/") and "/" not in path[5:] and \
+        path[5:] not in ("", ".", "..") and _dev_is_a_directory()
+    pfd = _open_path(path, os.O_NOFOLLOW if simple else 0)
     try:
         st = os.fstat(pfd)
+        if simple and stat.S_ISLNK(st.st_mode):     # /dev/cdrom -> sr0: follow it
+            simple = False
+            os.close(pfd)
+            pfd = -1
+            pfd = _open_path(path, 0)
+            st = os.fstat(pfd)
         _check(st, path)
-        try:
-            return os.open(f"/proc/self/fd/{pfd}", flags)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT or os.path.isdir("/proc/self/fd"):
-                raise from_errno(exc.errno, path) from None
-        # No /proc: open the path again, and make sure it is the same file.
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise from_errno(exc.errno, path) from None
-        again = os.fstat(fd)
-        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            os.close(fd)
-            raise from_errno(errno.ESTALE, path)
-        return fd
+        fd = _reopen(pfd, path, flags, st)
     finally:
-        os.close(pfd)
+        if pfd >= 0:
+            os.close(pfd)
+    return fd, st, path if simple else _canonical(path, fd)
+
+
+def _open_path(path, extra):
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC | extra)
+    except OSError as exc:
+        raise from_errno(exc.errno, path) from None
+
+
+def _canonical(path, fd):
+    """realpath(path), read back from /proc/self/fd/FD: one syscall, where
+    os.path.realpath costs one per path component (its fallback, without
+    /proc or for a deleted file)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        link = ""
+    if link.startswith("/") and not link.endswith(" (deleted)"):
+        return link
+    return os.path.realpath(path)

@@ -6,8 +6,8 @@ from .constants import MAX_SIZE, PAGE_SIZE
 from .errors import UsageError
 
 _UNITS = "KMGTPEZY"
-_SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTPEZY])(iB|B)?|(B))?\s*$",
-                      re.IGNORECASE | re.ASCII)
+_SIZE_PATTERN = r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTPEZY])(iB|B)?|(B))?\s*$"
+_size_re = None     # compiled on first use: not every run parses a size
 
 
 def parse_size(text, what="size"):
@@ -20,7 +20,10 @@ def parse_size(text, what="size"):
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        match = _SIZE_RE.match(str(text))
+        global _size_re
+        if _size_re is None:
+            _size_re = re.compile(_SIZE_PATTERN, re.IGNORECASE | re.ASCII)
+        match = _size_re.match(str(text))
         if not match:
             raise UsageError(f"invalid {what}: {text!r}")
         whole, frac, unit, kind, _plain = match.groups()

@@ -1,7 +1,7 @@
 """An open block device or regular file: the one fd every operation uses.
 
-Opened read-only, non-blocking, close on exec, no controlling tty; its type
-is checked with fstat on that fd.  The work is done elsewhere: ranges
+Opened read-only, non-blocking, close on exec, no controlling tty, and only
+after its type was checked (blkcache.safeopen).  The work is done elsewhere: ranges
 (blkcache.ranges), status (blkcache.residency), drop (blkcache.dropping).
 """
 
@@ -11,26 +11,9 @@ import stat
 
 from . import dropping, native, ranges, residency, safeopen
 from .constants import DEFAULT_RETRIES
-from .errors import UnsupportedFileError
 from .results import Verification
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-
-
-def _opened_path(fd, path):
-    """The canonical path of what fd refers to: realpath(path), in one syscall.
-
-    /proc/self/fd/N names what was actually opened; without /proc (or for a
-    deleted file) fall back to os.path.realpath, which costs a stat per
-    path component.
-    """
-    try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        link = ""
-    if link.startswith("/") and not link.endswith(" (deleted)"):
-        return link
-    return os.path.realpath(path)
 
 
 class Target:
@@ -52,20 +35,14 @@ class Target:
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         # Type-checked before anything is opened (see safeopen): a directory,
         # FIFO, socket or character device raises UnsupportedFileError.
-        self.fd = safeopen.open_checked(path, OPEN_FLAGS)
+        self.fd, st, self.device = safeopen.open_target(path, OPEN_FLAGS)
         try:
-            mode, self.size, rdev = native.fd_info(self.fd, path)
-            if stat.S_ISBLK(mode):
+            if stat.S_ISBLK(st.st_mode):
                 self.kind = "block"
-                self.rdev = rdev
-            elif stat.S_ISREG(mode):
-                self.kind = "file"
-                self.rdev = None
+                self.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                self.size = native.device_size(self.fd, path)
             else:
-                raise UnsupportedFileError(
-                    f"not a block device or regular file ({safeopen.kind_name(mode)})",
-                    path)
-            self.device = _opened_path(self.fd, path)
+                self.kind, self.rdev, self.size = "file", None, max(st.st_size, 0)
         except BaseException:
             self.close()
             raise

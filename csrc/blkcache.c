@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/syscall.h>
@@ -434,12 +436,46 @@ out:
     return rc;
 }
 
-int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
-                           void *buf, unsigned char *vec)
+static uint64_t major_faults(void)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return 0;
+    return (uint64_t)ru.ru_majflt;
+}
+
+/* Compare the wanted pages of one group (vec: their residency, just taken). */
+static void compare_group(const unsigned char *map, const unsigned char *disk,
+                          uint64_t first, uint64_t count, uint64_t disk_valid,
+                          const unsigned char *vec, unsigned char *result)
 {
     const uint64_t ps = page_size();
-    uint64_t pages, i;
-    unsigned char one;
+    uint64_t i, at, n;
+
+    for (i = 0; i < count; i++) {
+        unsigned char *res = result + first + i;
+
+        if (*res != BLKCACHE_PAGE_WANTED)
+            continue;
+        if (!(vec[i] & 1)) {
+            *res = BLKCACHE_PAGE_GONE;
+            continue;
+        }
+        at = (first + i) * ps;
+        n = disk_valid - at < ps ? disk_valid - at : ps;
+        *res = memcmp(map + at, disk + at, (size_t)n) == 0
+               ? BLKCACHE_PAGE_SAME : BLKCACHE_PAGE_DIFFERS;
+    }
+}
+
+int blkcache_compare_resident(int fd, uint64_t offset, uint64_t length,
+                              const void *disk, uint64_t disk_valid,
+                              unsigned char *result, uint64_t *faults)
+{
+    const uint64_t ps = page_size();
+    unsigned char vec[BLKCACHE_COMPARE_GROUP];
+    uint64_t pages, first, count, i, before;
     unsigned char *map;
     size_t maplen;
     int err = 0;
@@ -447,6 +483,12 @@ int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
     if (!window_ok(fd, offset, length))
         return -1;
     pages = (length + ps - 1) / ps;
+    for (i = 0; i < pages; i++) {
+        if (result[i] == BLKCACHE_PAGE_WANTED && i * ps >= disk_valid) {
+            errno = EINVAL;
+            return -1;
+        }
+    }
     maplen = (size_t)(pages * ps);
     map = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)offset);
     if (map == MAP_FAILED)
@@ -456,15 +498,21 @@ int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
         err = errno;
         goto out;
     }
-    for (i = 0; i < pages; i++) {
-        if (mincore(map + i * ps, (size_t)ps, &one) != 0) {
+    before = major_faults();
+    for (first = 0; first < pages; first += count) {
+        count = pages - first < BLKCACHE_COMPARE_GROUP
+                ? pages - first : BLKCACHE_COMPARE_GROUP;
+        for (i = 0; i < count && result[first + i] != BLKCACHE_PAGE_WANTED; i++)
+            ;
+        if (i == count)
+            continue;       /* nothing wanted here: not even mincore */
+        if (mincore(map + first * ps, (size_t)(count * ps), vec) != 0) {
             err = errno;
             goto out;
         }
-        vec[i] = one & 1;
-        if (vec[i])
-            memcpy((unsigned char *)buf + i * ps, map + i * ps, (size_t)ps);
+        compare_group(map, disk, first, count, disk_valid, vec, result);
     }
+    *faults = major_faults() - before;
 out:
     munmap(map, maplen);
     if (err) {
@@ -486,19 +534,353 @@ int blkcache_effective_caps(uint64_t *mask)
     return 0;
 }
 
-int blkcache_fd_info(int fd, struct blkcache_info *info)
+
+/* ---- holders: a scan of /proc ------------------------------------------ */
+
+#define MAPS_BUF (128 * 1024)
+#define HOLDER_THREADS 4
+#define PIDS_PER_TAKE 32
+
+/* What every scanning thread shares. */
+struct holder_job {
+    int proc_fd;
+    dev_t rdev;
+    const uint64_t *nodes;
+    unsigned int nnodes;
+    int skip_pid, skip_fd;
+    int *pids;
+    size_t npids;
+    size_t next;            /* next index into pids, taken atomically */
+};
+
+/* One thread's findings. */
+struct holder_scan {
+    struct holder_job *job;
+    struct blkcache_holder *found;
+    size_t n, room;
+    uint64_t unreadable;
+    int error;              /* ENOMEM */
+    char *buf;              /* MAPS_BUF + 1 bytes */
+};
+
+static void add_holder(struct holder_scan *s, int pid, int fd)
+{
+    if (s->n == s->room) {
+        size_t room = s->room ? 2 * s->room : 16;
+        struct blkcache_holder *more = realloc(s->found, room * sizeof(*more));
+        if (more == NULL) {
+            s->error = ENOMEM;
+            return;
+        }
+        s->found = more;
+        s->room = room;
+    }
+    s->found[s->n].pid = pid;
+    s->found[s->n].fd = fd;
+    s->n++;
+}
+
+static int is_the_device(const struct holder_job *job, int dirfd, const char *name)
 {
     struct stat sb;
 
-    if (fstat(fd, &sb) != 0)
+    return fstatat(dirfd, name, &sb, 0) == 0 && S_ISBLK(sb.st_mode)
+           && sb.st_rdev == job->rdev;
+}
+
+/* The kernel's struct linux_dirent64, as getdents64(2) returns it. */
+struct dirent64_raw {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* Descriptors of pid on the device; -1 with errno if the fd directory
+ * cannot be read.  getdents64 directly: opendir would add an fstat and an
+ * fcntl for each of thousands of processes. */
+static int scan_fds(struct holder_scan *s, int pid)
+{
+    const struct holder_job *job = s->job;
+    char path[32], link[6], ents[8192];
+    long got, pos;
+    ssize_t len;
+    int dfd, fd;
+
+    snprintf(path, sizeof(path), "%d/fd", pid);
+    dfd = openat(job->proc_fd, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
         return -1;
-    memset(info, 0, sizeof(*info));
-    info->mode = (unsigned int)sb.st_mode;
-    if (S_ISBLK(sb.st_mode)) {
-        info->rdev_major = major(sb.st_rdev);
-        info->rdev_minor = minor(sb.st_rdev);
-        return blkcache_device_size(fd, &info->size);
+    while ((got = syscall(SYS_getdents64, dfd, ents, sizeof(ents))) > 0) {
+        for (pos = 0; pos < got; pos += ((struct dirent64_raw *)(ents + pos))->d_reclen) {
+            const char *name = ((struct dirent64_raw *)(ents + pos))->d_name;
+
+            if (name[0] < '0' || name[0] > '9')
+                continue;
+            fd = atoi(name);
+            if (pid == job->skip_pid && fd == job->skip_fd)
+                continue;
+            /* Only the first five bytes matter: is the target under /dev/? */
+            len = readlinkat(dfd, name, link, sizeof(link));
+            if (len < 5 || memcmp(link, "/dev/", 5) != 0)
+                continue;
+            if (is_the_device(job, dfd, name))
+                add_holder(s, pid, fd);
+        }
     }
-    info->size = sb.st_size > 0 ? (uint64_t)sb.st_size : 0;
+    if (got < 0) {
+        int err = errno;
+        close(dfd);
+        errno = err;
+        return -1;
+    }
+    close(dfd);
+    return 0;
+}
+
+/* Whether one maps line names the device. */
+static int maps_line_matches(const struct holder_job *job, const char *line)
+{
+    unsigned int major, minor, i;
+    unsigned long long inode;
+    const char *p = line;
+    int field, consumed = 0;
+
+    for (field = 0; field < 3; field++) {       /* range, perms, offset */
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return 0;
+        p++;
+    }
+    if (sscanf(p, "%x:%x %llu%n", &major, &minor, &inode, &consumed) != 3 || inode == 0)
+        return 0;
+    for (i = 0; i < job->nnodes; i++) {
+        if (job->nodes[2 * i] == (uint64_t)makedev(major, minor)
+            && job->nodes[2 * i + 1] == inode)
+            return 1;
+    }
+    p += consumed;
+    while (*p == ' ')
+        p++;
+    return strncmp(p, "/dev/", 5) == 0 && is_the_device(job, AT_FDCWD, p);
+}
+
+/* 1 if pid maps the device, 0 if not, -1 with errno if maps cannot be read. */
+static int scan_maps(struct holder_scan *s, int pid)
+{
+    char path[32];
+    size_t have = 0;
+    int fd, found = 0;
+
+    snprintf(path, sizeof(path), "%d/maps", pid);
+    fd = openat(s->job->proc_fd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    for (;;) {
+        ssize_t got = read(fd, s->buf + have, MAPS_BUF - have);
+        char *line, *nl;
+
+        if (got < 0) {
+            int err = errno;
+            close(fd);
+            errno = err;
+            return -1;
+        }
+        have += (size_t)got;
+        s->buf[have] = '\0';
+        line = s->buf;
+        while ((nl = strchr(line, '\n')) != NULL) {
+            *nl = '\0';
+            if (maps_line_matches(s->job, line)) {
+                found = 1;
+                break;
+            }
+            line = nl + 1;
+        }
+        if (found || got == 0)
+            break;
+        /* Keep the partial last line; a line longer than the buffer is cut. */
+        have = (size_t)(s->buf + have - line);
+        if (have == MAPS_BUF)
+            have = 0;
+        memmove(s->buf, line, have);
+    }
+    close(fd);
+    return found;
+}
+
+static void scan_pid(struct holder_scan *s, int pid)
+{
+    size_t mark = s->n;
+    int mapped;
+
+    if (scan_fds(s, pid) == 0) {
+        mapped = scan_maps(s, pid);
+        if (mapped > 0)
+            add_holder(s, pid, -1);
+        if (mapped >= 0)
+            return;
+    }
+    /* Nothing of this pid is listed unless both could be read. */
+    s->n = mark;
+    if (errno == EACCES || errno == EPERM)
+        s->unreadable++;
+}
+
+static void *holder_worker(void *arg)
+{
+    struct holder_scan *s = arg;
+    struct holder_job *job = s->job;
+    size_t i, first;
+
+    for (;;) {
+        first = __atomic_fetch_add(&job->next, PIDS_PER_TAKE, __ATOMIC_RELAXED);
+        if (first >= job->npids)
+            break;
+        for (i = first; i < first + PIDS_PER_TAKE && i < job->npids; i++)
+            scan_pid(s, job->pids[i]);
+    }
+    return NULL;
+}
+
+/* The numeric entries of proc: *pids malloc'd. */
+static int list_pids(int proc_fd, int **pids, size_t *npids)
+{
+    size_t n = 0, room = 1024;
+    int *list = malloc(room * sizeof(*list)), *more;
+    struct dirent *de;
+    DIR *dir;
+    int fd = dup(proc_fd);
+
+    if (list == NULL || fd < 0 || (dir = fdopendir(fd)) == NULL) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        free(list);
+        errno = err;
+        return -1;
+    }
+    while ((de = readdir(dir)) != NULL) {
+        if (de->d_name[0] < '1' || de->d_name[0] > '9')
+            continue;
+        if (n == room) {
+            more = realloc(list, 2 * room * sizeof(*list));
+            if (more == NULL) {
+                closedir(dir);
+                free(list);
+                errno = ENOMEM;
+                return -1;
+            }
+            list = more;
+            room *= 2;
+        }
+        list[n++] = atoi(de->d_name);
+    }
+    closedir(dir);
+    *pids = list;
+    *npids = n;
+    return 0;
+}
+
+static int holder_order(const void *a, const void *b)
+{
+    const struct blkcache_holder *x = a, *y = b;
+
+    if (x->pid != y->pid)
+        return x->pid < y->pid ? -1 : 1;
+    /* descriptors in order, the mapping (-1) last */
+    if (x->fd != y->fd)
+        return (unsigned int)x->fd < (unsigned int)y->fd ? -1 : 1;
+    return 0;
+}
+
+static unsigned int holder_threads(size_t npids)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t n = cpus > 0 ? (size_t)cpus : 1;
+
+    if (n > HOLDER_THREADS)
+        n = HOLDER_THREADS;
+    if (n > npids / PIDS_PER_TAKE + 1)
+        n = npids / PIDS_PER_TAKE + 1;
+    return (unsigned int)n;
+}
+
+int blkcache_scan_holders(const char *proc, uint64_t rdev,
+                          const uint64_t *nodes, unsigned int nnodes,
+                          int skip_pid, int skip_fd,
+                          struct blkcache_holder *out, uint64_t max_out,
+                          uint64_t *nout, uint64_t *unreadable)
+{
+    struct holder_scan scans[HOLDER_THREADS];
+    pthread_t threads[HOLDER_THREADS];
+    struct holder_job job;
+    unsigned int nthreads, started = 0, i;
+    size_t total = 0;
+    int err = 0;
+
+    memset(&job, 0, sizeof(job));
+    memset(scans, 0, sizeof(scans));
+    job.rdev = (dev_t)rdev;
+    job.nodes = nodes;
+    job.nnodes = nnodes;
+    job.skip_pid = skip_pid;
+    job.skip_fd = skip_fd;
+    job.proc_fd = open(proc, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (job.proc_fd < 0)
+        return -1;
+    if (list_pids(job.proc_fd, &job.pids, &job.npids) != 0) {
+        err = errno;
+        close(job.proc_fd);
+        errno = err;
+        return -1;
+    }
+    nthreads = holder_threads(job.npids);
+    for (i = 0; i < nthreads; i++) {
+        scans[i].job = &job;
+        scans[i].buf = malloc(MAPS_BUF + 1);
+        if (scans[i].buf == NULL) {
+            err = ENOMEM;
+            goto out;
+        }
+    }
+    /* The calling thread is scanner 0. */
+    for (i = 1; i < nthreads; i++) {
+        if (pthread_create(&threads[started], NULL, holder_worker, &scans[i]) != 0)
+            break;
+        started++;
+    }
+    holder_worker(&scans[0]);
+    for (i = 0; i < started; i++)
+        pthread_join(threads[i], NULL);
+
+    *unreadable = 0;
+    for (i = 0; i < nthreads; i++) {
+        if (scans[i].error)
+            err = scans[i].error;
+        for (size_t k = 0; k < scans[i].n; k++) {
+            if (total < max_out)
+                out[total] = scans[i].found[k];
+            total++;
+        }
+        *unreadable += scans[i].unreadable;
+    }
+    *nout = total;
+    if (!err && total > max_out)
+        err = ENOBUFS;
+    if (!err)
+        qsort(out, (size_t)total, sizeof(*out), holder_order);
+out:
+    for (i = 0; i < nthreads; i++) {
+        free(scans[i].buf);
+        free(scans[i].found);
+    }
+    free(job.pids);
+    close(job.proc_fd);
+    if (err) {
+        errno = err;
+        return -1;
+    }
     return 0;
 }

@@ -96,26 +96,61 @@ int blkcache_resident_runs(int fd, uint64_t offset, uint64_t length,
                            uint64_t *runs, uint64_t max_runs, uint64_t *nruns);
 
 /*
- * blkcache_read_resident: copy the pages of [offset, offset + length) that
- * are resident *now* into buf, through a read-only MADV_RANDOM mapping
- * (no readahead, synchronous or asynchronous).  Each page is checked with
- * mincore(2) right before it is copied; vec[i] is set to 1 for a page copied
- * and 0 for a page not resident (not read, so not brought into the cache).
- * offset page aligned, length at most 128 MiB; buf holds length bytes rounded
- * up to a page, vec one byte per page.  EPERM as for blkcache_resident_runs.
+ * blkcache_compare_resident: compare the cached pages of [offset,
+ * offset + length) with the device's bytes in disk (the same range, read
+ * with O_DIRECT by the caller), without reading any page into the cache.
+ * The cache is read through one read-only MADV_RANDOM mapping (no
+ * readahead, synchronous or asynchronous), BLKCACHE_COMPARE_GROUP pages at a
+ * time: mincore(2) on a group right before its pages are compared, so that a
+ * page evicted since the caller's residency map is reported, not faulted back
+ * in.  result holds one byte per page: on entry BLKCACHE_PAGE_SKIP (leave the
+ * page alone) or BLKCACHE_PAGE_WANTED; on return, for the pages wanted,
+ * BLKCACHE_PAGE_GONE (not resident: not read), BLKCACHE_PAGE_SAME or
+ * BLKCACHE_PAGE_DIFFERS.  Only the first disk_valid bytes of disk are the
+ * device's: a wanted page past them must not be passed.  *faults is set to
+ * the major page faults taken meanwhile (pages read in despite the check,
+ * should one go between mincore and the comparison: normally 0).
+ * offset page aligned, length at most 128 MiB.  EPERM as for
+ * blkcache_resident_runs.
  */
-int blkcache_read_resident(int fd, uint64_t offset, uint64_t length,
-                           void *buf, unsigned char *vec);
+#define BLKCACHE_COMPARE_GROUP 16
+#define BLKCACHE_PAGE_SKIP 0
+#define BLKCACHE_PAGE_WANTED 1
+#define BLKCACHE_PAGE_GONE 2
+#define BLKCACHE_PAGE_SAME 3
+#define BLKCACHE_PAGE_DIFFERS 4
+
+int blkcache_compare_resident(int fd, uint64_t offset, uint64_t length,
+                              const void *disk, uint64_t disk_valid,
+                              unsigned char *result, uint64_t *faults);
 
 /* capget(2): the effective capability set of the calling thread, a bit mask. */
 int blkcache_effective_caps(uint64_t *mask);
 
-/* What an fd refers to: fstat(2), plus BLKGETSIZE64 for a block device. */
-struct blkcache_info {
-    uint64_t size;              /* bytes: BLKGETSIZE64, or st_size of a file */
-    unsigned int mode;          /* st_mode */
-    unsigned int rdev_major;    /* device number of a block device, else 0 */
-    unsigned int rdev_minor;
+
+/*
+ * Holders of a block device: processes with a descriptor on it or a mapping
+ * of it, found under proc (normally "/proc").
+ *
+ * A descriptor is a /proc/PID/fd link whose target lies under /dev/ and
+ * which, stat()ed through the link, is block device rdev (targets elsewhere
+ * are not stat()ed, so that a hung network file system cannot hang the
+ * scan).  A mapping is a /proc/PID/maps line naming one of the nnodes
+ * device nodes (nodes[2*i] its st_dev, nodes[2*i+1] its st_ino), or a path
+ * under /dev/ that is block device rdev.  The descriptor skip_fd of process
+ * skip_pid is not listed.  Each holder is one record per descriptor, and
+ * one with fd -1 for a mapping, in pid order; more than max_out: ENOBUFS
+ * (*nout says how many were needed).  *unreadable counts the processes whose
+ * fds or maps the caller may not read (EACCES/EPERM): the list may be short.
+ * Processes that exit meanwhile are skipped.
+ */
+struct blkcache_holder {
+    int pid;
+    int fd;
 };
 
-int blkcache_fd_info(int fd, struct blkcache_info *info);
+int blkcache_scan_holders(const char *proc, uint64_t rdev,
+                          const uint64_t *nodes, unsigned int nnodes,
+                          int skip_pid, int skip_fd,
+                          struct blkcache_holder *out, uint64_t max_out,
+                          uint64_t *nout, uint64_t *unreadable);

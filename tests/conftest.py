@@ -18,6 +18,7 @@ from blkcache.errors import BlkcacheError
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import evict  # noqa: E402
 from test_recursive import partitioned  # noqa: E402,F401  (a disk with two partitions)
 from units import MiB  # noqa: E402
 from unprivileged import granted, nobody  # noqa: E402,F401  (fixtures for every module)
@@ -141,3 +142,10 @@ def _neutral_cwd(tmp_path, monkeypatch):
 def _private_state_dir(tmp_path, monkeypatch):
     """Failed write-backs are recorded under BLKCACHE_STATE_DIR, not /run."""
     monkeypatch.setenv("BLKCACHE_STATE_DIR", str(tmp_path / "state"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say what the eviction stressor (tests/evict.py) did in this run."""
+    if evict.PAGES:
+        terminalreporter.write_line(f"eviction stressor: {evict.evicted} cached pages evicted "
+                                    f"(BLKCACHE_TEST_EVICT={evict.PAGES})")

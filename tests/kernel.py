@@ -9,6 +9,7 @@ import mmap
 import os
 import subprocess
 
+import evict
 from units import PAGE  # noqa: F401  (kernel.PAGE: the oracle's page size)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,6 +45,111 @@ def cached_pages(path, offset=0, length=0):
         return cachestat(fd, offset, length)["nr_cache"]
     finally:
         os.close(fd)
+
+
+class Reading(int):
+    """The oracle's count of cached pages, remembering the whole cachestat(2)
+    reading and the stressor's evictions so far (for not_dropped)."""
+
+    def __new__(cls, fd, offset=0, length=0):
+        stat = cachestat(fd, offset, length)
+        obj = super().__new__(cls, stat["nr_cache"])
+        obj.stat, obj.stressed = stat, evict.evicted_from(fd)
+        return obj
+
+
+def count(fd, offset=0, length=0, stress=None):
+    """The oracle's reading of fd's cached pages (a Reading), then a strike of
+    the eviction stressor (tests/evict.py): the test's next step finds a few
+    pages fewer, as it may at any moment under proactive reclaim."""
+    pages = Reading(fd, offset, length)
+    evict.strike(fd, cachestat, stress)
+    return pages
+
+
+def around(fd, measure, offset=0, length=0, stress=None):
+    """(before, measure(), after): the oracle's counts just before and just after.
+
+    A count blkcache reports in measure() lies between them (before >= it >=
+    after): pages may go at any moment, never come back unless read.  ``stress``
+    caps the pages the stressor evicts first (a scenario built on a few pages)."""
+    before = count(fd, offset, length, stress)
+    value = measure()
+    after = cachestat(fd, offset, length)["nr_cache"]
+    return before, value, after
+
+
+def between(before, reported, after, what="blkcache's count"):
+    """Assert before >= reported >= after (the oracle's readings around it)."""
+    assert before >= reported >= after, \
+        f"{what}: {reported} is not within the kernel's {before} (before) .. {after} (after)"
+
+
+def fill(fd, offset, length, tries=10):
+    """Read [offset, offset+length) buffered until every page of it is cached
+    (reclaim may take a page between the read and the check: read again); the
+    oracle's count of the range, taken right then (a Reading)."""
+    want = (length + PAGE - 1) // PAGE
+    for _ in range(tries):
+        read_buffered(fd, offset, length)
+        got = Reading(fd, offset, length)
+        if got >= want:
+            return got
+    raise AssertionError(f"only {got} of {want} pages stay cached after {tries} reads")
+
+
+def steady(fd, want, setup, measure, offset=0, length=0, tries=5):
+    """measure() from a moment when the oracle saw exactly ``want`` cached
+    pages of fd (in the range) both just before and just after it: for checks of exact
+    output.  When reclaim (or the stressor) took a page, set up and try again."""
+    for attempt in range(tries):
+        setup()
+        if attempt == 0:
+            evict.strike(fd, cachestat)      # so that the retry is exercised too
+        if cachestat(fd, offset, length)["nr_cache"] == want:
+            value = measure()
+            if cachestat(fd, offset, length)["nr_cache"] == want:
+                return value
+    raise AssertionError(f"the kernel never kept {want} pages cached for a whole run")
+
+
+# A drop removes (nearly) every page of the range; reclaim takes a few percent
+# a minute.  "Not dropped" is judged with a margin between the two.
+KEPT = 0.5
+
+
+def not_dropped(fd, before, offset=0, length=0, what="nothing may be dropped"):
+    """Assert that no drop took the ``before`` cached pages: a drop (the wrong
+    action) leaves (nearly) none.
+
+    Either most of them are still there, or what went is accounted for by
+    reclaim: reclaim leaves a shadow entry per page (cachestat's nr_evicted)
+    where a drop (BLKFLSBUF, POSIX_FADV_DONTNEED) leaves none and clears those
+    there were; and by the stressor, which counts what it took.  ``before``
+    is a Reading (count(), fill()) for the second test, or a plain count.
+    """
+    assert before >= 32, f"the test needs pages cached to mean anything (only {before})"
+    now = cachestat(fd, offset, length)
+    if now["nr_cache"] >= before * KEPT:
+        return now["nr_cache"]
+    gone = before - now["nr_cache"]
+    if isinstance(before, Reading):
+        reclaimed = max(0, now["nr_evicted"] - before.stat["nr_evicted"])
+        stressed = evict.evicted_from(fd) - before.stressed
+        unexplained = gone - reclaimed - stressed
+        assert unexplained <= 16 + before // 10, \
+            (f"{what}: {before} pages cached before, {now['nr_cache']} now; {reclaimed} "
+             f"reclaimed, {stressed} evicted by the test: {unexplained} dropped")
+        return now["nr_cache"]
+    raise AssertionError(f"{what}: {before} pages cached before, {now['nr_cache']} now")
+
+
+def reported_before_drop(before, reported, what="the count before the drop"):
+    """Assert a count blkcache took just before dropping lies between the
+    oracle's reading ``before`` (pages only go) and what reclaim could have
+    left of it by then (the drop itself leaves no later reading to bound it)."""
+    assert before >= reported >= before * KEPT, \
+        f"{what}: {reported}, the kernel had {before} cached just before"
 
 
 def dirty_pages(path):

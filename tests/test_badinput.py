@@ -6,6 +6,7 @@ held loop device with cached pages keeps every one of them (raw cachestat).
 """
 
 import errno
+import functools
 import json
 import os
 import socket
@@ -20,7 +21,8 @@ from blkcache import api
 
 import cliproc
 import kernel
-from units import PAGE, MiB
+import needs
+from units import MiB
 
 COMMANDS = ("status", "drop", "verify")
 FIFO_TIMEOUT = 20   # seconds: opening a FIFO must never block
@@ -61,15 +63,18 @@ def node_dir(directory, mounts):
 
 @pytest.fixture
 def held(loopdev):
-    """The 64 MiB loop device with 4 MiB cached; yields a checker."""
+    """The 64 MiB loop device with 4 MiB cached; yields a checker.
+
+    ``unchanged()`` asserts that no drop happened: a drop empties the device,
+    reclaim (and the eviction stressor, tests/evict.py) take only a few pages.
+    """
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
-    kernel.read_buffered(loopdev.fd, 0, 4 * MiB)
-    time.sleep(0.05)
-    cached = kernel.cachestat(loopdev.fd)["nr_cache"]
-    assert cached >= 4 * MiB // PAGE
+    cached = kernel.fill(loopdev.fd, 0, 4 * MiB)
+    kernel.count(loopdev.fd)         # the stressor strikes between the steps
 
     def unchanged():
-        assert kernel.cachestat(loopdev.fd)["nr_cache"] == cached, "bad input changed state"
+        kernel.not_dropped(loopdev.fd, cached, what="bad input dropped pages")
+        kernel.count(loopdev.fd)
     loopdev.unchanged = unchanged
     return loopdev
 
@@ -192,11 +197,12 @@ def test_symlink_to_a_device_works_and_reports_the_real_device(tmp_path, held):
     chain = tmp_path / "chain"
     os.symlink(link, chain)
     for path in (str(link), str(chain)):
-        code, out, err = cliproc.run("status", "--json", path)
+        before, (code, out, err), after = kernel.around(
+            held.fd, functools.partial(cliproc.run, "status", "--json", path))
         assert (code, err) == (0, "")
         record = json.loads(out)["devices"][0]
         assert record["path"] == path and record["device"] == held
-        assert record["cached"] == kernel.cachestat(held.fd)["nr_cache"]
+        kernel.between(before, record["cached"], after)
     code, out, err = cliproc.run("drop", str(chain))
     assert (code, err) == (0, "")
     assert kernel.cachestat(held.fd)["nr_cache"] == 0
@@ -470,23 +476,24 @@ def test_out_of_file_descriptors(held):
 def test_without_proc_the_type_check_still_holds(held, tmp_path):
     """Without /proc (no reopen through /proc/self/fd) blkcache reopens the
     path and requires the same inode; refused paths are still never opened."""
-    import shutil
     import subprocess
     import sys
 
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) not installed")
+    needs.need_tool("unshare", "util-linux")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     script = ('umount -l /proc && test ! -e /proc/self && '
               f'"{sys.executable}" -m blkcache status -b -n "$1"; echo "rc=$?"; '
               f'"{sys.executable}" -m blkcache verify "$2"; echo "rc=$?"')
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           script, "sh", held, str(fifo)], capture_output=True, text=True,
-                          env=cliproc.env(), timeout=60)
+
+    def unshared():
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script, "sh", held, str(fifo)], capture_output=True,
+                              text=True, env=cliproc.env(), timeout=60)
+    before, proc, after = kernel.around(held.fd, unshared)
     lines = proc.stdout.splitlines()
     assert lines[-1] == "rc=2" and lines[-2] == "rc=0", (proc.stdout, proc.stderr)
-    assert lines[0].split()[1] == str(kernel.cachestat(held.fd)["nr_cache"])
+    kernel.between(before, int(lines[0].split()[1]), after)
     assert "(a FIFO)" in cliproc.one_error_line(proc.stderr)
     held.unchanged()
 

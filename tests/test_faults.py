@@ -6,9 +6,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -16,6 +18,7 @@ import blkcache
 
 import cliproc
 import kernel
+import needs
 from units import PAGE, MiB
 
 
@@ -50,19 +53,19 @@ def test_failed_writeback_drops_nothing_and_says_how_many_pages_were_dirty(loops
             try:
                 pattern = b"\xa5" * (16 * MiB)
                 os.pwrite(wfd, pattern, 0)
-                before = kernel.cachestat(wfd)
+                before, cached = kernel.cachestat(wfd), kernel.Reading(wfd)
                 assert before["nr_dirty"] == 16 * MiB // PAGE, before
                 code, out, err = cliproc.run("drop", device)
                 line = cliproc.one_error_line(err)
                 assert code == 5, (code, out, err)
                 assert out == ""
                 assert f"{device}: write-back failed: " in line
-                assert f"{before['nr_dirty']} pages were dirty" in line
+                dirty = int(re.search(r"(\d+) pages were dirty", line).group(1))
+                assert 0 < dirty <= before["nr_dirty"], line
                 assert "nothing was dropped" in line
-                after = kernel.cachestat(wfd)
                 # The kernel marked them clean after EIO; they are the only copy
                 # of the data and must still be cached.
-                assert after["nr_cache"] == before["nr_cache"]
+                kernel.not_dropped(wfd, cached)
                 assert os.pread(wfd, MiB, 15 * MiB) == pattern[:MiB]
             finally:
                 os.close(wfd)
@@ -79,15 +82,15 @@ def test_failed_writeback_api_raises_writeback_error(loops):
             wfd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.pwrite(wfd, b"\x5a" * (8 * MiB), 32 * MiB)
-                dirty = kernel.cachestat(wfd)["nr_dirty"]
+                dirty, cached = kernel.cachestat(wfd)["nr_dirty"], kernel.Reading(wfd)
                 assert dirty == 8 * MiB // PAGE
                 with pytest.raises(blkcache.WritebackError) as info:
                     blkcache.drop(device, method="fadvise")
                 assert isinstance(info.value, OSError)
                 assert info.value.errno in (errno.EIO, errno.ENOSPC)
                 assert info.value.filename == device
-                assert info.value.before.dirty == dirty
-                assert kernel.cachestat(wfd)["nr_cache"] == dirty
+                assert 0 < info.value.before.dirty <= dirty
+                kernel.not_dropped(wfd, cached)
             finally:
                 os.close(wfd)
         finally:
@@ -112,16 +115,17 @@ def test_detach_while_held_defers_and_nothing_hangs(loops):
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     detached = False
     try:
-        kernel.read_buffered(fd, 0, 4 * MiB)
-        cached = kernel.cachestat(fd)["nr_cache"]
-        assert cached >= 4 * MiB // PAGE
+        kernel.fill(fd, 0, 4 * MiB)
         kernel.losetup("-d", device)
         detached = True
         with open(sysfs(device, "loop", "autoclear")) as f:
             assert f.read().strip() == "1"
-        code, out, err = cliproc.run("status", "-b", "-n", device, timeout=30)
+        before, (code, out, err), after = kernel.around(
+            fd, lambda: cliproc.run("status", "-b", "-n", device, timeout=30))
         assert (code, err) == (0, "")
-        assert out.split()[:2] == [str(cached * PAGE), str(cached)]
+        cached = int(out.split()[1])
+        kernel.between(before, cached, after)
+        assert out.split()[0] == str(cached * PAGE) and cached > 0
         code, out, err = cliproc.run("drop", device, timeout=30)
         assert (code, err) == (0, "")
         assert kernel.cachestat(fd)["nr_cache"] == 0
@@ -134,12 +138,19 @@ def test_detach_while_held_defers_and_nothing_hangs(loops):
         if detached:
             loops.devices.remove(device)
     # Gone: unbound, or (other test runs attach loop devices too) bound anew to
-    # something else.
-    try:
-        with open(sysfs(device, "loop", "backing_file")) as f:
-            assert f.read().strip() != image
-    except FileNotFoundError:
-        pass
+    # something else.  The kernel unbinds it from a work queue after the last
+    # close: give it a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(sysfs(device, "loop", "backing_file")) as f:
+                bound = f.read().strip()
+        except FileNotFoundError:
+            break
+        if bound != image:
+            break
+        assert time.monotonic() < deadline, f"{device} still bound to {image} after 10 s"
+        time.sleep(0.1)
 
 
 def test_shrunk_device_keeps_stale_pages_past_its_end_and_they_count(loops):
@@ -151,24 +162,29 @@ def test_shrunk_device_keeps_stale_pages_past_its_end_and_they_count(loops):
         f.write(b"A" * (8 * MiB))
     device = loops.attach(image)
     fd = loops.hold(device)
-    kernel.read_buffered(fd, 0, 8 * MiB)
-    cached = kernel.cachestat(fd)["nr_cache"]
+    kernel.fill(fd, 0, 8 * MiB)
     os.truncate(image, 4 * MiB)
     kernel.losetup("-c", device)
     assert blkcache.status(device).size == 4 * MiB
-    beyond = kernel.cachestat(fd, 4 * MiB, 0)["nr_cache"]
-    assert beyond > 0 and kernel.cachestat(fd)["nr_cache"] == cached
+    # The pages past the new end stay cached (the kernel's word).
+    assert kernel.cachestat(fd, 4 * MiB, 0)["nr_cache"] > 0.9 * 4 * MiB // PAGE
 
-    state = blkcache.status(device)
-    assert state.cached == cached and state.beyond_end == beyond
+    beyond, (cached, state, cached_after), beyond_after = kernel.around(
+        fd, lambda: kernel.around(fd, lambda: blkcache.status(device)), 4 * MiB)
+    kernel.between(cached, state.cached, cached_after)
+    kernel.between(beyond, state.beyond_end, beyond_after, "beyond_end")
     # A range inside the device does not reach the end: no pages past it.
     assert blkcache.status(device, 0, MiB).beyond_end == 0
-    code, out, err = cliproc.run("verify", device)
+    beyond, (code, out, err), beyond_after = kernel.around(
+        fd, lambda: cliproc.run("verify", device), 4 * MiB)
     assert code == 1, (out, err)
-    assert f"{beyond} of them past the end of the device" in out
+    past = int(re.search(r"(\d+) of them past the end of the device", out).group(1))
+    kernel.between(beyond, past, beyond_after, "past the end")
+    cached = kernel.count(fd)
     code, out, err = cliproc.run("drop", "--method", "fadvise", device)
     assert code == 0, (out, err)
-    assert f"{cached} -> 0 pages cached" in out
+    kernel.reported_before_drop(cached, int(re.search(r"(\d+) -> 0 pages cached",
+                                                      out).group(1)))
     assert kernel.cachestat(fd)["nr_cache"] == 0
 
     # Without the drop, this is what the guest would have read after a regrow.
@@ -183,16 +199,17 @@ def test_device_shrunk_to_nothing_is_not_clean_while_pages_remain(loops):
     image = loops.image(16 * MiB)
     device = loops.attach(image)
     fd = loops.hold(device)
-    kernel.read_buffered(fd, 0, 2 * MiB)
-    cached = kernel.cachestat(fd)["nr_cache"]
+    kernel.fill(fd, 0, 2 * MiB)
     os.truncate(image, 0)
     kernel.losetup("-c", device)
-    check = blkcache.verify(device)
+    cached, check, after = kernel.around(fd, lambda: blkcache.verify(device))
     assert check.state.size == 0
-    assert check.verdict == "resident" and check.state.cached == cached
+    assert check.verdict == "resident"
+    kernel.between(cached, check.state.cached, after)
+    cached = kernel.count(fd)
     code, out, err = cliproc.run("drop", "--json", device)
-    assert code == 0, err
-    assert json.loads(out)["devices"][0]["before"]["beyond_end"] == cached
+    assert (code, err) == (0, "")
+    kernel.reported_before_drop(cached, json.loads(out)["devices"][0]["before"]["beyond_end"])
     assert kernel.cachestat(fd)["nr_cache"] == 0
     assert cliproc.run("verify", device)[0] == 0
 
@@ -215,13 +232,16 @@ def test_read_only_loop_device(loops, method):
                 os.pwrite(wfd, b"x", 0)
         finally:
             os.close(wfd)
-    kernel.read_buffered(fd, 0, 4 * MiB)
-    cached = kernel.cachestat(fd)["nr_cache"]
-    code, out, err = cliproc.run("status", "-b", "-n", device)
-    assert (code, err) == (0, "") and out.split()[1] == str(cached)
+    kernel.fill(fd, 0, 4 * MiB)
+    cached, (code, out, err), after = kernel.around(
+        fd, lambda: cliproc.run("status", "-b", "-n", device))
+    assert (code, err) == (0, "")
+    kernel.between(cached, int(out.split()[1]), after)
+    cached = kernel.count(fd)
     code, out, err = cliproc.run("drop", "--expect-clean", "--method", method, device)
     assert (code, err) == (0, ""), out
-    assert f"{cached} -> 0 pages cached" in out
+    kernel.reported_before_drop(cached, int(re.search(r"(\d+) -> 0 pages cached",
+                                                      out).group(1)))
     assert kernel.cachestat(fd)["nr_cache"] == 0
     code, out, err = cliproc.run("verify", device)
     assert (code, err) == (0, "") and "clean: 0 of 8192 pages" in out
@@ -230,6 +250,7 @@ def test_read_only_loop_device(loops, method):
 # -- mounted file system ----------------------------------------------------------
 
 def test_drop_on_a_mounted_ext4_reports_what_survives(loops):
+    needs.need_tool("mkfs.ext4", "e2fsprogs")
     image = loops.image(64 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, capture_output=True)
     device = loops.attach(image)
@@ -246,7 +267,7 @@ def test_drop_on_a_mounted_ext4_reports_what_survives(loops):
         survived = kernel.cachestat(fd)["nr_cache"]
         # The file system pins its metadata buffers; the rest went.
         assert 0 < survived < before
-        assert result["remaining"] == survived
+        assert result["remaining"] >= survived       # reclaim may take more after it
         assert code == 1
         code, out, err = cliproc.run("drop", "--retries", "0", device)
         assert code == 1 and "held by a mounted file system" in out
@@ -280,14 +301,19 @@ def test_mapped_pages_survive_and_are_reported_exactly(loopdev, pages):
             code, out, err = cliproc.run("drop", "--retries", "1", "--method", method,
                                          loopdev)
             assert (code, err) == (1, ""), out
-            assert f"-> {pages} pages cached" in out
+            left = int(re.search(r"-> (\d+) pages cached", out).group(1))
+            assert 0 < left <= pages, out             # reclaim may unmap a page, no more
             assert "pages remain" in out
-            assert kernel.cachestat(loopdev.fd)["nr_cache"] == pages
-            assert kernel.cachestat(loopdev.fd, 16 * MiB, pages * PAGE)["nr_cache"] == pages
+            # Only the mapped pages are left, as the kernel sees it.
+            now = kernel.cachestat(loopdev.fd)["nr_cache"]
+            assert now <= left
+            assert kernel.cachestat(loopdev.fd, 16 * MiB, pages * PAGE)["nr_cache"] == now
         result = blkcache.drop(loopdev, retries=0)
-        assert result.remaining == pages and result.complete is False
-        code, out, err = cliproc.run("verify", loopdev)
-        assert code == 1 and f"resident: {pages} of" in out
+        assert 0 < result.remaining <= pages and result.complete is False
+        before, (code, out, err), after = kernel.around(loopdev.fd,
+                                                        lambda: cliproc.run("verify", loopdev))
+        assert code == 1 and f"{loopdev}: resident: " in out
+        kernel.between(before, int(out.split()[2]), after)
     finally:
         child.kill()
         child.wait()

@@ -13,6 +13,7 @@ import pytest
 from blkcache import privilege
 
 import kernel
+import needs
 from unprivileged import cached_loop, node_mode
 
 USAGE = "blkcache-flush: usage: blkcache-flush DEVICE | fd:N (exactly one argument)\n"
@@ -28,8 +29,7 @@ def one_line(proc):
 # -- the binary as built ---------------------------------------------------------
 
 def readelf(*args):
-    if shutil.which("readelf") is None:
-        pytest.skip("readelf (binutils) is not installed")
+    needs.need_tool("readelf", "binutils")
     return subprocess.run(["readelf", "-W", *args, privilege.helper_path()], check=True,
                           capture_output=True, text=True).stdout
 
@@ -86,7 +86,7 @@ def test_refuses_a_node_the_user_cannot_open(granted, loopdev):
         proc = granted.run(granted.helper, loopdev)
         assert proc.returncode == 1
         assert one_line(proc) == f"blkcache-flush: {loopdev}: cannot open: Permission denied"
-        assert kernel.cached_pages(loopdev) == before
+        kernel.not_dropped(loopdev.fd, before)
 
 
 def test_refuses_an_o_path_fd_to_a_node_the_user_cannot_open(granted, loopdev):
@@ -99,7 +99,7 @@ def test_refuses_an_o_path_fd_to_a_node_the_user_cannot_open(granted, loopdev):
         proc = granted.py(code, granted.helper, loopdev)
         assert proc.returncode == 2, proc.stderr
         assert one_line(proc).endswith(": an O_PATH descriptor grants no access")
-        assert kernel.cached_pages(loopdev) == before
+        kernel.not_dropped(loopdev.fd, before)
 
 
 def test_without_the_capability_nothing_is_flushed(nobody, loopdev):
@@ -112,7 +112,7 @@ def test_without_the_capability_nothing_is_flushed(nobody, loopdev):
             f"blkcache-flush: {loopdev}: CAP_SYS_ADMIN is not permitted to this program "
             "(an administrator grants it with setcap cap_sys_admin+p): "
             "Operation not permitted")
-        assert kernel.cached_pages(loopdev) == before
+        kernel.not_dropped(loopdev.fd, before)
 
 
 # -- refusals --------------------------------------------------------------------
@@ -195,8 +195,7 @@ SYSCALL = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
 
 
 def test_capability_is_effective_only_around_the_ioctl(granted, loopdev, scratch_dir):
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    needs.need_tool("strace", "strace")
     out = os.path.join(scratch_dir, "strace.out")
     with node_mode(loopdev, 0o644):
         cached_loop(loopdev)

@@ -11,6 +11,7 @@ layer (struct fields and arguments are uint64_t, checked through cffi).
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -50,23 +51,31 @@ def tib_device(loops):
 
 def test_one_tib_device_offsets_near_2_40(tib_device):
     dev, fd = tib_device, tib_device.fd
-    for offset in (0, 1 << 39, TiB - MiB, TiB - PAGE):
+    for offset in (0, TiB - MiB, TiB - PAGE):
         read_page(fd, offset)
-    cached = kernel.cachestat(fd)["nr_cache"]
-    assert cached >= 4
+    kernel.fill(fd, 1 << 39, 64 * PAGE)      # enough pages to tell a drop apart
 
     started = time.monotonic()
-    code, out, err = cliproc.run("status", "--json", dev)
+    cached, (code, out, err), after = kernel.around(fd, lambda: cliproc.run("status", "--json",
+                                                                            dev))
+    assert cached >= 64
     assert (code, err) == (0, "")
     state = json.loads(out)["devices"][0]
     assert state["size"] == TiB and state["pages"] == TiB // PAGE
-    assert state["cached"] == cached and state["interface"] == "cachestat"
+    kernel.between(cached, state["cached"], after)
+    assert state["interface"] == "cachestat"
     assert time.monotonic() - started < 5          # cachestat: cost of cached pages
 
-    assert blkcache.status(dev, TiB - PAGE, PAGE).cached == 1
-    assert blkcache.status(dev, TiB - 1, 1).cached == 1
-    last_gib = blkcache.status(dev, TiB - (1 << 30), interface="mincore")
-    assert last_gib.cached == kernel.cachestat(fd, TiB - (1 << 30), 1 << 30)["nr_cache"]
+    # The last page, from a moment the kernel had it cached (else read it again).
+    for offset, length in ((TiB - PAGE, PAGE), (TiB - 1, 1)):
+        top = kernel.steady(fd, 1, lambda: read_page(fd, TiB - PAGE),
+                            functools.partial(blkcache.status, dev, offset, length),
+                            TiB - PAGE, PAGE)
+        assert top.cached == 1
+    high, last_gib, low = kernel.around(
+        fd, lambda: blkcache.status(dev, TiB - (1 << 30), interface="mincore"),
+        TiB - (1 << 30), 1 << 30)
+    kernel.between(high, last_gib.cached, low)
     assert last_gib.pages == (1 << 30) // PAGE
     for args in (["--offset", str(TiB)], ["--offset", str(TiB + PAGE)],
                  ["--length", str(TiB + 1)], ["--offset", str(TiB - PAGE), "--length", "8K"],
@@ -75,11 +84,12 @@ def test_one_tib_device_offsets_near_2_40(tib_device):
         code, out, err = cliproc.run("verify", *args, dev)
         assert code == 2 and "beyond the end of the device (1099511627776 bytes)" in err, err
 
-    # Drop the last MiB only: the page at 2^39 stays.
+    # Drop the last MiB only: the pages at 2^39 stay.
+    kept = kernel.fill(fd, 1 << 39, 64 * PAGE)
     code, out, err = cliproc.run("drop", "--offset", str(TiB - MiB), dev)
     assert (code, err) == (0, ""), out
     assert kernel.cachestat(fd, TiB - MiB, MiB)["nr_cache"] == 0
-    assert kernel.cachestat(fd, 1 << 39, PAGE)["nr_cache"] == 1
+    kernel.not_dropped(fd, kept, 1 << 39, 64 * PAGE)
     code, out, err = cliproc.run("drop", "--method", "fadvise", dev)
     assert (code, err) == (0, "") and kernel.cachestat(fd)["nr_cache"] == 0
 
@@ -116,18 +126,19 @@ def test_exabyte_devices_offsets_near_2_63(loops, size):
         pages = -(-size // PAGE)
         assert pages > 2 ** 32
         read_page(fd, size - PAGE)
-        read_page(fd, 1 << 40)
-        cached = kernel.cachestat(fd)["nr_cache"]
-        last = kernel.cachestat(fd, size - 1, 1)["nr_cache"]
-        assert last == 1
+        kernel.fill(fd, 1 << 40, 64 * PAGE)      # enough pages to tell a drop apart
+        assert kernel.cachestat(fd, size - 1, 1)["nr_cache"] == 1
 
-        code, out, err = cliproc.run("status", "--json", dev)
+        cached, (code, out, err), after = kernel.around(
+            fd, lambda: cliproc.run("status", "--json", dev))
         assert (code, err) == (0, ""), err
         state = json.loads(out)["devices"][0]
-        assert (state["size"], state["pages"], state["cached"]) == (size, pages, cached)
+        assert (state["size"], state["pages"]) == (size, pages)
+        kernel.between(cached, state["cached"], after)
         assert state["offset"] + state["length"] <= MAX
-        code, out, err = cliproc.run("verify", dev)
-        assert code == 1 and f"resident: {cached} of {pages} pages" in out, (out, err)
+        cached, (code, out, err), after = kernel.around(fd, lambda: cliproc.run("verify", dev))
+        assert code == 1 and f" of {pages} pages" in out, (out, err)
+        kernel.between(cached, int(out.split()[2]), after)
 
         # The top of the device, through both interfaces.
         for interface in ("cachestat", "mincore"):
@@ -138,11 +149,18 @@ def test_exabyte_devices_offsets_near_2_63(loops, size):
                     blkcache.status(dev, offset=size - 1, length=1, interface=interface)
                 assert info.value.errno == errno.EOVERFLOW
                 continue
-            top = blkcache.status(dev, offset=size - 1, length=1, interface=interface)
+            top = kernel.steady(
+                fd, 1, lambda: read_page(fd, size - PAGE),
+                functools.partial(blkcache.status, dev, offset=size - 1, length=1,
+                                  interface=interface),
+                size - 1, 1)
             assert top.offset == (size - 1) // PAGE * PAGE and top.pages == 1
             assert top.cached == 1, interface
-            near = blkcache.status(dev, offset=size - 64 * MiB, interface=interface)
-            assert near.cached == kernel.cachestat(fd, size - 64 * MiB, 0)["nr_cache"]
+            high, near, low = kernel.around(
+                fd, functools.partial(blkcache.status, dev, offset=size - 64 * MiB,
+                                      interface=interface),
+                size - 64 * MiB)
+            kernel.between(high, near.cached, low)
         for args in (["--offset", str(size)], ["--offset", str(MAX)],
                      ["--offset", str(size - 1), "--length", "2"], ["--length", str(MAX)]
                      if size < MAX else ["--length", str(size + 1)]):
@@ -150,11 +168,12 @@ def test_exabyte_devices_offsets_near_2_63(loops, size):
             assert code == 2 and "beyond the end of the device" in err, (args, err)
 
         # Drop the top page only, then everything.
+        kept = kernel.fill(fd, 1 << 40, 64 * PAGE)
         code, out, err = cliproc.run("drop", "--method", "fadvise", "--offset", str(size - 1),
                                      dev)
         assert (code, err) == (0, ""), out
         assert kernel.cachestat(fd, size - 1, 1)["nr_cache"] == 0
-        assert kernel.cachestat(fd, 1 << 40, PAGE)["nr_cache"] == 1
+        kernel.not_dropped(fd, kept, 1 << 40, 64 * PAGE)
         for method in ("ioctl", "fadvise"):
             read_page(fd, size - PAGE)
             result = blkcache.drop(dev, method=method)

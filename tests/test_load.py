@@ -84,21 +84,28 @@ def test_drops_under_load_lose_nothing(loops, scratch_dir):
     deadline = time.monotonic() + SECONDS
     codes = collections.Counter()
     bad = []
+    crashed = []
     dirty_seen = []
     lock = threading.Lock()
 
     def loop(argv):
-        while time.monotonic() < deadline:
-            code, out, err = cliproc.run(*argv, timeout=120)
-            if argv[0] == "drop" and "--json" in argv and out:
-                dirty = json.loads(out)["devices"][0]["before"]["dirty"] or 0
+        # Any exception (a traceback, a timeout, bad JSON) is collected: a
+        # thread that dies is a failure, not a warning.
+        try:
+            while time.monotonic() < deadline:
+                code, out, err = cliproc.run(*argv, timeout=120)
+                if argv[0] == "drop" and "--json" in argv and out:
+                    dirty = json.loads(out)["devices"][0]["before"]["dirty"] or 0
+                    with lock:
+                        dirty_seen.append(dirty)
                 with lock:
-                    dirty_seen.append(dirty)
+                    codes[(argv[0], code)] += 1
+                    allowed = {"drop": (0, 1), "verify": (0, 1), "status": (0,)}[argv[0]]
+                    if code not in allowed or err:
+                        bad.append((argv, code, err))
+        except BaseException as exc:       # noqa: B036 -- reported below, with argv
             with lock:
-                codes[(argv[0], code)] += 1
-                allowed = {"drop": (0, 1), "verify": (0, 1), "status": (0,)}[argv[0]]
-                if code not in allowed or err:
-                    bad.append((argv, code, err))
+                crashed.append((argv, repr(exc)))
 
     drops = [["drop", "--retries", "2", device],
              ["drop", "--retries", "2", "--method", "fadvise", device],
@@ -106,12 +113,15 @@ def test_drops_under_load_lose_nothing(loops, scratch_dir):
               "--length", "5M", device],
              ["drop", "--method", "ioctl", "--json", device],
              ["verify", device], ["status", "--json", device]]
-    threads = [threading.Thread(target=loop, args=(argv,)) for argv in drops]
+    threads = [threading.Thread(target=loop, args=(argv,), name=" ".join(argv[:-1]),
+                                daemon=True) for argv in drops]
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(SECONDS + 180)
+            thread.join(max(0, deadline + 180 - time.monotonic()))
+        hung = [thread.name for thread in threads if thread.is_alive()]
+        assert not hung, f"blkcache runs still going 180 s after the load ended: {hung}"
         assert writer.wait(timeout=SECONDS + 60) == 0
         read_bytes = sum(int(r.communicate(timeout=60)[0]) for r in readers)
         assert all(r.returncode == 0 for r in readers)
@@ -121,6 +131,7 @@ def test_drops_under_load_lose_nothing(loops, scratch_dir):
                 proc.kill()
                 proc.wait()
 
+    assert not crashed, crashed
     assert not bad, bad[:5]
     with open(report) as f:
         written = json.load(f)
@@ -133,6 +144,7 @@ def test_drops_under_load_lose_nothing(loops, scratch_dir):
     # And after a last drop, buffered reads see the same bytes.
     code, out, err = cliproc.run("drop", device)
     assert (code, err) == (0, ""), out
+    assert kernel.cached_pages(device) == 0
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
         assert kernel.read_buffered(fd, 0, SIZE) == direct

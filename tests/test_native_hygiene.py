@@ -21,7 +21,8 @@ import subprocess
 import pytest
 
 import kernel
-from units import PAGE, MiB
+import needs
+from units import MiB
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,12 +40,11 @@ def need_sources():
 
 
 def compile_c(out, sources, extra=(), libs=()):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+    needs.need_tool("gcc", "gcc")
     cmd = ["gcc", *SANITIZE, *extra, "-I", CSRC, "-o", out, *sources, "-lpthread", *libs]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 and "asan" in proc.stderr.lower() and "cannot find" in proc.stderr:
-        pytest.skip("libasan/libubsan not installed")
+        needs.missing("libasan/libubsan not installed (apt-get install libasan8 libubsan1)")
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -72,8 +72,7 @@ def assert_clean(proc):
 
 def test_shims_under_asan_ubsan_on_a_loop_device(driver, loopdev):
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
-    kernel.read_buffered(loopdev.fd, 8 * MiB, MiB)
-    assert kernel.cachestat(loopdev.fd)["nr_cache"] == MiB // PAGE
+    kernel.fill(loopdev.fd, 8 * MiB, MiB)
     proc = run_sanitized([driver, loopdev, str(8 * MiB), str(MiB)])
     assert_clean(proc)
     assert kernel.cachestat(loopdev.fd)["nr_cache"] == 0      # the driver dropped it
@@ -89,8 +88,7 @@ def test_shims_under_asan_ubsan_on_a_regular_file(driver, scratch_dir):
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        kernel.read_buffered(fd, 4 * MiB, MiB)
-        assert kernel.cachestat(fd)["nr_cache"] == MiB // PAGE
+        kernel.fill(fd, 4 * MiB, MiB)
         assert_clean(run_sanitized([driver, path, str(4 * MiB), str(MiB)]))
     finally:
         os.close(fd)
@@ -98,8 +96,7 @@ def test_shims_under_asan_ubsan_on_a_regular_file(driver, scratch_dir):
 
 def test_gcc_analyzer_is_silent():
     need_sources()
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+    needs.need_tool("gcc", "gcc")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.c")))
     assert sources
     for source in sources:
@@ -219,12 +216,11 @@ def test_python_tests_on_a_sanitized_native_module(tmp_path):
     import blkcache
 
     need_sources()
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+    needs.need_tool("gcc", "gcc")
     runtimes = [subprocess.run(["gcc", f"-print-file-name=lib{name}.so"], capture_output=True,
                                text=True).stdout.strip() for name in ("asan", "ubsan")]
     if not all(os.path.isabs(path) and os.path.exists(path) for path in runtimes):
-        pytest.skip("libasan/libubsan not installed")
+        needs.missing("libasan/libubsan not installed (apt-get install libasan8 libubsan1)")
     pkg = tmp_path / "pkg"
     shutil.copytree(os.path.dirname(blkcache.__file__), pkg / "blkcache",
                     ignore=shutil.ignore_patterns("_native*.so", "__pycache__"))

@@ -20,17 +20,20 @@ import tempfile
 import pytest
 
 import kernel
+import needs
 
 USER, GROUP = "nobody", "nogroup"
 SETPRIV = ["setpriv", f"--reuid={USER}", f"--regid={GROUP}", "--clear-groups",
            "--inh-caps=-all"]
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
-REQUIRE = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1"
+REQUIRE = os.environ.get("BLKCACHE_REQUIRE_LOOP") == "1" or needs.REQUIRED
 
 
 def _skip_or_fail(reason):
+    """Skip; fail where the least-privilege tests are required (CI)."""
     if REQUIRE:
-        pytest.fail(f"BLKCACHE_REQUIRE_LOOP=1 but {reason}")
+        pytest.fail(f"BLKCACHE_REQUIRE_LOOP=1 or BLKCACHE_REQUIRE_ALL=1 but {reason}",
+                    pytrace=False)
     pytest.skip(reason)
 
 
@@ -119,7 +122,7 @@ def unprivileged_copy():
         _world_readable(root)
         python, tried = _find_python(root)
         if python is None:
-            pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} that "
+            _skip_or_fail(f"no Python {sys.version_info.major}.{sys.version_info.minor} that "
                         f"{USER} may run: {'; '.join(tried)}")
         unpriv = Unprivileged(root, python)
         if not os.path.exists(unpriv.helper):
@@ -167,7 +170,5 @@ def cached_loop(loopdev, mib=16):
     readahead in flight would survive a single drop and make tests flaky.
     """
     os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
-    kernel.read_buffered(loopdev.fd, 0, mib << 20)
-    pages = kernel.cached_pages(loopdev)
-    assert pages >= (mib << 20) // kernel.PAGE, "the read did not fill the cache"
-    return pages
+    kernel.fill(loopdev.fd, 0, mib << 20)
+    return kernel.count(loopdev.fd)      # the eviction stressor strikes after it

@@ -195,6 +195,9 @@ def coherence_lines(report, rel=None):
                          f"({length // report.page_size} pages, {format_size(length)})")
     if report.truncated:
         lines.append("  (more ranges not listed; counts are exact)")
+    if report.read_in:
+        lines.append(f"  {report.read_in} pages evicted in the instant before their "
+                     "comparison were read back in by it")
     return lines
 
 
