@@ -51,6 +51,11 @@ class build_ext_with_helper(build_ext):
         return super().get_outputs() + [self.helper_target()]
 
 
+#: status --prometheus (blkcache.integrations.prometheus): write_to_textfile's
+#: temporary file beside the target.
+PROMETHEUS_CLIENT = "prometheus-client>=0.12"
+
+
 def read_version():
     scope = {}
     with open(os.path.join(HERE, "blkcache", "_version.py"), encoding="utf-8") as f:
@@ -70,7 +75,12 @@ setup(
     package_data={"blkcache.hooks": ["qemu"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "click>=8.0"],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "prometheus": [PROMETHEUS_CLIENT],
+        # The fleet tests drive the real engines: ansible-core runs the
+        # collection in ansible/, prometheus_client parses the metrics.
+        "test": ["pytest>=7", "ansible-core>=2.14; python_version >= '3.9'", PROMETHEUS_CLIENT],
+    },
     cffi_modules=["blkcache/_ffi_build.py:ffibuilder"],
     cmdclass={"build_ext": build_ext_with_helper},
     entry_points={"console_scripts": ["blkcache = blkcache.cli:main"]},

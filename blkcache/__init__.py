@@ -14,8 +14,8 @@ _API = ("status", "drop", "verify", "Target", "CacheState", "DropResult",
         "Verification", "PAGE_SIZE")
 _ERRORS = ("BlkcacheError", "UnsupportedFileError", "InvalidRangeError", "UsageError",
            "MethodUnavailableError", "DirtyPagesError", "CannotTellError",
-           "WritebackError", "WritebackFailedBefore", "HelperError", "StateDirError",
-           "BusyError")
+           "WritebackError", "WritebackFailedBefore", "HelperError",
+           "MissingDependencyError", "StateDirError", "BusyError")
 
 __all__ = ["__version__", *_API, *_ERRORS]
 

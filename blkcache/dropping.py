@@ -2,6 +2,7 @@
 back, drop, verify, retry."""
 
 import time
+from typing import NamedTuple, Optional
 
 from . import caps, failures, native
 from .constants import DEFAULT_RETRIES, METHODS
@@ -13,25 +14,41 @@ from .errors import (
     WritebackError,
     WritebackFailedBefore,
 )
-from .results import DropResult
+from .failures import Failure
+from .results import CacheState, DropResult
 
 _FIRST_DELAY = 0.01
 
 
-def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
-         interface="auto", discard_failed=False):
-    """DropResult of dropping ``rng`` of ``target``; see Target.drop.
+class Checked(NamedTuple):
+    """What check() found: nothing stops a drop of the range."""
 
-    The device's drop lock (failures.lock) is held from the look-up of a
-    failure on record to the end, so that the failure a concurrent drop's
-    sync was told of is on record before this one looks.
-    """
-    failures.lock(target.fd, target.path)
-    try:
-        return _drop_locked(target, rng, method, expect_clean, retries, interface,
-                            discard_failed)
-    finally:
-        failures.unlock(target.fd)
+    method: str                 # "ioctl", "helper" or "fadvise"
+    warning: Optional[str]      # auto fell back to posix_fadvise on a whole device, or
+                                # (discard_failed) the state directory is not trusted
+    before: CacheState
+    failure: Optional[Failure]  # a failed write-back on record (discard_failed given)
+
+
+def check(target, rng, method="auto", expect_clean=False, interface="auto",
+          discard_failed=False):
+    """Everything drop() checks before it writes back or drops anything: a
+    failed write-back on record (WritebackFailedBefore), the method
+    (MethodUnavailableError) and, with ``expect_clean``, dirty pages
+    (DirtyPagesError, CannotTellError).  A Checked; nothing changes.
+
+    A caller with several devices checks them all before dropping any
+    (blkcache.integrations.ansible); drop() checks again, under the lock."""
+    failure, record_warning = _failure_on_record(target, discard_failed)
+    method, warning = choose_method(target, method, rng)
+    before = target.status(rng=rng, interface=interface)
+    if expect_clean:
+        _refuse_dirty(target, before)
+    return Checked(method, _join(warning, record_warning), before, failure)
+
+
+def _join(*warnings):
+    return "; ".join(w for w in warnings if w) or None
 
 
 def _failure_on_record(target, discard_failed):
@@ -69,12 +86,25 @@ def _forget(target, failure):
             "later drops refuse until it is (blkcache failures --clear)")
 
 
+def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
+         interface="auto", discard_failed=False):
+    """DropResult of dropping ``rng`` of ``target``; see Target.drop.
+
+    The device's drop lock (failures.lock) is held from the look-up of a
+    failure on record to the end, so that the failure a concurrent drop's
+    sync was told of is on record before this one looks.
+    """
+    failures.lock(target.fd, target.path)
+    try:
+        return _drop_locked(target, rng, method, expect_clean, retries, interface,
+                            discard_failed)
+    finally:
+        failures.unlock(target.fd)
+
+
 def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_failed):
-    failure, record_warning = _failure_on_record(target, discard_failed)
-    method, warning = choose_method(target, method, rng)
-    before = target.status(rng=rng, interface=interface)
-    if expect_clean:
-        _refuse_dirty(target, before)
+    method, warning, before, failure = check(target, rng, method, expect_clean, interface,
+                                             discard_failed)
     attempts = 0
     delay = _FIRST_DELAY
     while True:
@@ -87,8 +117,7 @@ def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_
         time.sleep(delay)
         delay *= 2
     if failure is not None:
-        record_warning = _forget(target, failure)
-    warning = "; ".join(w for w in (warning, record_warning) if w) or None
+        warning = _join(warning, _forget(target, failure))
     return DropResult(target.path, target.device, method, attempts, before, after, warning)
 
 

@@ -41,6 +41,15 @@ class MethodUnavailableError(BlkcacheError):
         self.fix = fix
 
 
+class MissingDependencyError(BlkcacheError):
+    """An optional feature needs a Python package that is not installed
+    (a setup.py extra); ``fix`` says how to get it."""
+
+    def __init__(self, message, path=None, fix=None):
+        super().__init__(message, path)
+        self.fix = fix
+
+
 class DirtyPagesError(BlkcacheError):
     """``expect_clean`` found dirty or writeback pages; nothing was done."""
 

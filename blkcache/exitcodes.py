@@ -12,6 +12,7 @@ from .errors import (
     CannotTellError,
     DirtyPagesError,
     MethodUnavailableError,
+    MissingDependencyError,
     MissingNodeError,
     StateDirError,
     WritebackFailedBefore,
@@ -42,7 +43,8 @@ TABLE = (
     (FAILURE, ("failure: permission denied, I/O error, failed write-back (now or",
                "on record: see --discard-failed and blkcache failures), state",
                "directory not trusted, method unavailable, device gone, output",
-               "not delivered (standard output full or closed)")),
+               "not delivered (standard output full or closed); status --prometheus:",
+               "prometheus_client missing")),
     (ALL_FAILED, ("several devices: all failed (5)",)),
     (SOME_FAILED, ("several devices: some failed (5)",)),
 )
@@ -87,7 +89,7 @@ def for_error(exc):
     if isinstance(exc, CannotTellError):
         return UNKNOWN
     if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, MissingNodeError,
-                        StateDirError, BusyError)):
+                        MissingDependencyError, StateDirError, BusyError)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE
