@@ -72,7 +72,6 @@ setup(
     license="GPL-2.0-or-later",
     python_requires=">=3.8",
     packages=find_packages(include=["blkcache", "blkcache.*"]),
-    package_data={"blkcache.hooks": ["qemu"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "click>=8.0"],
     extras_require={
