@@ -2,7 +2,8 @@
 
 ``doctor(paths)`` returns a DoctorReport: kernel, whether cachestat(2)
 exists, this process's effective capabilities, the helper and its file
-capability, the method ``drop`` would use, for each path whether
+capability (every place searched for it: the one used, and why not the
+others), the method ``drop`` would use, for each path whether
 cachestat/mincore will tell this user the truth about its page cache (the
 rule of Linux 6.14 for cachestat, of 5.2 for mincore), and the failed
 write-backs on record (blkcache.failures), each live, stale or unknown.
@@ -55,8 +56,9 @@ class DoctorReport:
     cap_fowner: bool
     no_new_privs: bool
     helper: privilege.HelperStatus
+    helpers: Tuple[privilege.HelperCandidate, ...]  # the search, in order
     drop_method: privilege.MethodChoice
-    setcap_command: str
+    setcap_command: str                     # grants the capability to a trusted helper
     devices: Tuple[DeviceCheck, ...]
     problems: Tuple[Problem, ...]
     #: Whether the kernel numbers disk instances (BLKGETDISKSEQ, Linux 5.15):
@@ -192,7 +194,8 @@ def doctor(paths=()):
     uid = os.geteuid()
     user = _user_name(uid)
     eff = caps.effective_caps()
-    helper = privilege.helper_status()
+    search = privilege.find_helper()
+    helper = search.helper
     choice = privilege.auto_method(helper)
     available = cachestat_available()
     problems = []
@@ -224,8 +227,10 @@ def doctor(paths=()):
         effective_caps=tuple(privilege.cap_names(eff)),
         cap_sys_admin=bool(eff >> caps.CAP_SYS_ADMIN & 1),
         cap_fowner=bool(eff >> caps.CAP_FOWNER & 1),
-        no_new_privs=helper.no_new_privs, helper=helper, drop_method=choice,
-        setcap_command=privilege.setcap_command(helper.path),
+        no_new_privs=helper.no_new_privs, helper=helper, helpers=search.summary(),
+        drop_method=choice,
+        setcap_command=(privilege.setcap_command(helper.path) if helper.trusted is not False
+                        else "blkcache install-helper"),
         devices=tuple(devices), problems=tuple(problems), diskseq=diskseq,
         state_dir=failures.state_dir(), failures=records)
 

@@ -2,10 +2,13 @@
 
 BLKFLSBUF needs CAP_SYS_ADMIN.  A Python script cannot carry a file
 capability, so the privileged step is a tiny C program, ``blkcache-flush``,
-installed inside this package; an administrator grants it
-``cap_sys_admin+p`` with setcap(8) (setup.py never does).  This module finds
-it, reads its ``security.capability`` extended attribute, runs it, and
-decides which method ``drop`` uses:
+built into this package.  It gets ``cap_sys_admin+p`` at install time, never
+from setup.py: from the Debian package's postinst, from ``blkcache
+install-helper`` or from an administrator's setcap(8).  This module looks for
+it in a fixed order (HELPER_DIRS, then the package's own copy; no environment
+variable takes part), trusts a copy only when nobody but root can change it,
+reads its ``security.capability`` extended attribute, runs it, and decides
+which method ``drop`` uses:
 
 - ``ioctl``: BLKFLSBUF in this process, when CAP_SYS_ADMIN is effective;
 - ``helper``: BLKFLSBUF through blkcache-flush, when it carries the capability
@@ -15,15 +18,21 @@ decides which method ``drop`` uses:
 
 import errno
 import os
+import pwd
 import shlex
+import stat
 import struct
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from . import caps
 from .errors import HelperError, MethodUnavailableError
 
 HELPER_NAME = "blkcache-flush"
+
+#: The system locations of the helper, searched in this order before the
+#: package's own copy: the Debian package's, then ``blkcache install-helper``'s.
+HELPER_DIRS = ("/usr/libexec/blkcache", "/usr/local/libexec/blkcache")
 
 #: Seconds the helper may take (BLKFLSBUF syncs the device first).
 HELPER_TIMEOUT = 600
@@ -151,11 +160,80 @@ def _rootid_applies(rootid):
     return rootid == 0
 
 
+# -- trust ------------------------------------------------------------------------
+
+def _owner(uid):
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _writers(mode):
+    return " and ".join(who for bit, who in ((0o020, "group"), (0o002, "others"))
+                        if mode & bit)
+
+
+def untrusted(path):
+    """(problem, fix) when someone other than root could change the program at
+    ``path`` (or its symbolic link's target), else None.
+
+    Whoever may write the file can change its code through a shared mapping
+    and keep its file capability; whoever may write a directory above it can
+    replace it.  So the file must be root's and not writable by group or
+    others, and so must every directory up to ``/`` -- except that a
+    directory with the sticky bit (like /tmp) may be writable by others when
+    the entry in it is root's, since then only root can rename or remove it.
+    """
+    real = os.path.realpath(path)
+    problems, fixes = [], []
+    entry = os.lstat(real)
+    quoted = shlex.quote(real)
+    if entry.st_uid != 0 or entry.st_mode & 0o022:
+        if entry.st_uid != 0:
+            problems.append(f"{real} is owned by {_owner(entry.st_uid)}, not root")
+        if entry.st_mode & 0o022:
+            problems.append(f"{real} is writable by {_writers(entry.st_mode)}")
+        fixes.append(f"chown root:root {quoted} && chmod go-w {quoted} && "
+                     f"setcap cap_sys_admin+p {quoted}")
+    directory = real
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        st = os.lstat(directory)
+        quoted_dir = shlex.quote(directory)
+        if st.st_uid != 0:
+            problems.append(f"{directory} is owned by {_owner(st.st_uid)}, not root")
+            fixes.append(f"chown root {quoted_dir}")
+        if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and entry.st_uid == 0):
+            problems.append(f"{directory} is writable by {_writers(st.st_mode)}"
+                            + (" (sticky, but the entry in it is not root's)"
+                               if st.st_mode & stat.S_ISVTX else ""))
+            if not st.st_mode & stat.S_ISVTX:
+                fixes.append(f"chmod go-w {quoted_dir}")
+        entry = st
+    if not problems:
+        return None
+    problem = ("not trusted: " + "; ".join(problems)
+               + ": a user who can change it could keep its capability and run any code "
+                 "with CAP_SYS_ADMIN")
+    # Every problem comes with a fix: an entry not root's is chowned where it
+    # is checked, a sticky directory is fine once its entry is.
+    fix = (f"as root, {' && '.join(fixes)}; or install a root-owned copy: "
+           "blkcache install-helper")
+    return problem, fix
+
+
 # -- the helper -----------------------------------------------------------------
 
 def helper_path():
-    """Where the helper is installed: inside this package's directory."""
+    """The package's own copy of the helper, built into this package's directory."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), HELPER_NAME)
+
+
+def helper_candidates():
+    """Every place drop looks for the helper, in order: HELPER_DIRS, then the
+    package's own copy."""
+    return tuple(os.path.join(d, HELPER_NAME) for d in HELPER_DIRS) + (helper_path(),)
 
 
 def setcap_command(path=None):
@@ -170,6 +248,7 @@ class HelperStatus:
     path: str
     installed: Optional[bool]       # None: this user cannot look
     executable: bool
+    trusted: Optional[bool]         # nobody but root can change it (None: not known)
     capabilities: Optional[str]     # getcap-style text, None when none
     cap_sys_admin: bool             # CAP_SYS_ADMIN in the file's permitted set
     nosuid: bool                    # on a nosuid mount: file capabilities ignored
@@ -209,28 +288,68 @@ def probe_helper(path):
     return None
 
 
-def helper_status(path=None, probe=True):
-    """HelperStatus of the helper at ``path`` (default: the installed one).
+_PROBED = {}
 
-    With ``probe``, a helper that carries the capability is run once (see
-    probe_helper) so that the answer is the kernel's, not a guess.
+
+def _probe_once(path, st):
+    """probe_helper(path), asked once per process for each version of the file
+    (a new file, or a new capability, changes the inode or its ctime)."""
+    key = (path, st.st_dev, st.st_ino, st.st_ctime_ns)
+    if key not in _PROBED:
+        _PROBED[key] = probe_helper(path)
+    return _PROBED[key]
+
+
+def _probe_problem(path, granted, nosuid, nnp):
+    """(problem, fix) when the probe did not find the capability granted."""
+    if granted is False and nosuid:
+        return (f"{path} is on a file system mounted nosuid, where the kernel "
+                "ignores file capabilities",
+                "install blkcache on a file system mounted without nosuid")
+    if granted is False and nnp:
+        return ("this process runs with no_new_privs, and the kernel grants no "
+                "file capability to the programs it starts",
+                "run blkcache without no_new_privs (systemd: NoNewPrivileges=no; "
+                "setpriv/bwrap without --no-new-privs)")
+    if granted is False:
+        return (f"the kernel does not grant {path} its file capability when this "
+                "process runs it (user namespace or security module?)",
+                "run blkcache in the initial user namespace, unconfined")
+    return (f"{path} did not answer its capability probe as expected",
+            f"reinstall blkcache; check that {path} is the blkcache-flush it built")
+
+
+def helper_status(path=None, probe=True):
+    """HelperStatus of the helper at ``path`` (default: the one drop would use,
+    see find_helper).
+
+    With ``probe``, a trusted helper that carries the capability is run once
+    (see probe_helper) so that the answer is the kernel's, not a guess.
     """
-    path = path or helper_path()
-    installed, executable, text, has_cap, nosuid = None, False, None, False, False
+    if path is None:
+        return find_helper(probe).helper
+    installed, executable, trusted, text, has_cap, nosuid = None, False, None, None, False, \
+        False
     granted = None
     nnp = no_new_privs()
     problem = fix = None
     try:
-        os.stat(path)
+        st = os.stat(path)
         installed = True
     except FileNotFoundError:
         installed = False
     except OSError as exc:
         problem = f"this user cannot reach {path} ({exc.strerror})"
-        fix = ("install blkcache where every user can read it (e.g. the system "
-               "Python's site-packages), then grant the capability")
+        fix = ("install the helper where every user can reach it: as root, "
+               "blkcache install-helper")
     if installed:
         executable = os.access(path, os.X_OK)
+        try:
+            distrust = untrusted(path)
+        except OSError as exc:
+            distrust = (f"not trusted: cannot check who may change it ({exc.strerror}: "
+                        f"{exc.filename})", "as root, blkcache install-helper")
+        trusted = distrust is None
         try:
             fcaps = file_caps(path)
         except (OSError, ValueError) as exc:
@@ -246,36 +365,76 @@ def helper_status(path=None, probe=True):
             pass
     if installed is False:
         problem = f"{HELPER_NAME} is not installed (no {path})"
-        fix = "reinstall blkcache with a C compiler present (pip install blkcache)"
+        fix = ("reinstall blkcache with a C compiler present (pip install blkcache)"
+               if path == helper_path() else None)
     elif installed and not executable:
         problem = f"this user may not execute {path}"
         fix = f"chmod 0755 {shlex.quote(path)}"
+    elif installed and not trusted:
+        problem, fix = f"{path} is {distrust[0]}", distrust[1]
     elif installed and problem is None and not has_cap:
         problem = (f"{path} does not carry the file capability cap_sys_admin+p"
                    if text is None else
                    f"{path} carries {text}, not cap_sys_admin in its permitted set")
         fix = setcap_command(path)
-    if installed and executable and has_cap and problem is None and probe:
-        granted = probe_helper(path)
-        if granted is False and nosuid:
-            problem = (f"{path} is on a file system mounted nosuid, where the kernel "
-                       "ignores file capabilities")
-            fix = "install blkcache on a file system mounted without nosuid"
-        elif granted is False and nnp:
-            problem = ("this process runs with no_new_privs, and the kernel grants no "
-                       "file capability to the programs it starts")
-            fix = ("run blkcache without no_new_privs (systemd: NoNewPrivileges=no; "
-                   "setpriv/bwrap without --no-new-privs)")
-        elif granted is False:
-            problem = (f"the kernel does not grant {path} its file capability when this "
-                       "process runs it (user namespace or security module?)")
-            fix = "run blkcache in the initial user namespace, unconfined"
-        elif granted is None:
-            problem = f"{path} did not answer its capability probe as expected"
-            fix = f"reinstall blkcache; check that {path} is the blkcache-flush it built"
-    usable = bool(installed and executable and has_cap and granted and problem is None)
-    return HelperStatus(path, installed, executable, text, has_cap, nosuid, nnp, granted,
-                        usable, problem, fix)
+    if installed and executable and trusted and has_cap and problem is None and probe:
+        granted = _probe_once(path, st)
+        if not granted:
+            problem, fix = _probe_problem(path, granted, nosuid, nnp)
+    usable = bool(installed and executable and trusted and has_cap and granted
+                  and problem is None)
+    return HelperStatus(path, installed, executable, trusted, text, has_cap, nosuid, nnp,
+                        granted, usable, problem, fix)
+
+
+@dataclass(frozen=True)
+class HelperSearch:
+    """Every candidate of helper_candidates(), in order, and the one in use.
+
+    ``helper`` is the first usable candidate; when none is, the first one
+    that exists (else the package's own copy), whose problem says why drop
+    cannot use it.
+    """
+
+    candidates: Tuple[HelperStatus, ...]
+    helper: HelperStatus
+
+    def why_not(self, candidate):
+        """Why drop does not use ``candidate`` (None for the one it uses)."""
+        if candidate.usable and candidate is self.helper:
+            return None
+        if candidate.problem:
+            return candidate.problem
+        return f"{self.helper.path} comes first in the search order"
+
+    def summary(self):
+        """A HelperCandidate per candidate, in search order."""
+        return tuple(HelperCandidate(c.path, self.why_not(c) is None, self.why_not(c))
+                     for c in self.candidates)
+
+
+@dataclass(frozen=True)
+class HelperCandidate:
+    """One place drop looks for the helper: used, or why not."""
+
+    path: str
+    used: bool
+    why_not: Optional[str]
+
+
+def find_helper(probe=True):
+    """HelperSearch over helper_candidates(): the first trusted candidate that
+    carries cap_sys_admin+p (and, with ``probe``, is granted it by the kernel)."""
+    candidates, used = [], None
+    for path in helper_candidates():
+        status = helper_status(path, probe=probe and used is None)
+        if used is None and status.installed and status.trusted and status.cap_sys_admin \
+                and (status.usable or not probe):
+            used = status
+        candidates.append(status)
+    if used is None:
+        used = next((c for c in candidates if c.installed), candidates[-1])
+    return HelperSearch(tuple(candidates), used)
 
 
 def ioctl_fix(helper=None):
@@ -284,8 +443,9 @@ def ioctl_fix(helper=None):
     if helper.usable:
         return (f"run as root (CAP_SYS_ADMIN), or use --method helper or auto: "
                 f"{HELPER_NAME} carries cap_sys_admin+p")
+    grant = setcap_command(helper.path) if helper.trusted else "blkcache install-helper"
     return ("run as root (CAP_SYS_ADMIN), or let this user drop through the helper: "
-            f"as root, {setcap_command(helper.path)}, then use --method helper or auto")
+            f"as root, {grant}, then use --method helper or auto")
 
 
 @dataclass(frozen=True)
@@ -341,13 +501,15 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
     """BLKFLSBUF on open fd ``fd`` (of ``path``) through the helper.
 
     The helper gets the fd itself (``fd:N``), so it acts on exactly the
-    device this process opened, with no second path lookup.  Raises
-    MethodUnavailableError (capability missing), OSError with the errno the
-    helper reported, or HelperError.
+    device this process opened, with no second path lookup.  ``helper``
+    defaults to the one find_helper() picks (its probe is asked once per
+    process).  Raises MethodUnavailableError (no usable helper), OSError with
+    the errno the helper reported, or HelperError.
     """
     import subprocess
 
-    helper = helper or helper_path()
+    if helper is None:
+        helper = require_helper(path).path
     try:
         proc = subprocess.run([helper, f"fd:{fd}"], pass_fds=(fd,), env={}, cwd="/",
                               stdin=subprocess.DEVNULL, capture_output=True,
@@ -374,6 +536,7 @@ def run_helper(fd, path, helper=None, timeout=HELPER_TIMEOUT):
                       path)
 
 
-__all__ = ["HELPER_NAME", "FileCaps", "HelperStatus", "MethodChoice", "auto_method",
-           "cap_names", "decode_file_caps", "file_caps", "helper_path", "helper_status",
-           "no_new_privs", "run_helper", "setcap_command", "fallback_warning"]
+__all__ = ["HELPER_DIRS", "HELPER_NAME", "FileCaps", "HelperCandidate", "HelperSearch",
+           "HelperStatus", "MethodChoice", "auto_method", "cap_names", "decode_file_caps",
+           "fallback_warning", "file_caps", "find_helper", "helper_candidates", "helper_path",
+           "helper_status", "no_new_privs", "run_helper", "setcap_command", "untrusted"]

@@ -16,9 +16,13 @@
  *   4. fail unless CAP_SYS_ADMIN is permitted (so "fd:0" with /dev/null on
  *      stdin tells a caller whether the kernel grants the capability: exit 2
  *      "not a block device" if it does, exit 1 if it does not);
- *   5. open the path with the caller's own permissions (effective set empty:
- *      no CAP_DAC_OVERRIDE) read-only, O_NONBLOCK|O_CLOEXEC|O_NOCTTY; or
- *      check that fd N is open and not an O_PATH fd;
+ *   5. a path is first opened O_PATH (which opens nothing behind it: no
+ *      FIFO writer released, no watchdog armed, no tty acquired) and
+ *      fstat'ed: only a block device goes on, reopened through
+ *      /proc/self/fd (the same inode, no second lookup) with the caller's
+ *      own permissions (effective set empty: no CAP_DAC_OVERRIDE),
+ *      read-only, O_NONBLOCK|O_CLOEXEC|O_NOCTTY; or fd N must be open and
+ *      not an O_PATH fd;
  *   6. fstat the fd: only a block device is accepted;
  *   7. raise CAP_SYS_ADMIN into the effective set, ioctl(BLKFLSBUF), then
  *      drop every capability;
@@ -48,12 +52,12 @@ enum { EXIT_FLUSHED = 0, EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
 typedef struct __user_cap_data_struct capdata_t[_LINUX_CAPABILITY_U32S_3];
 
-/* The argument as given, printable: control bytes become \xNN. */
+/* The argument as given, printable ASCII: every other byte becomes \xNN. */
 static void put_escaped(const char *s)
 {
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
-        if (c < 0x20 || c == 0x7f)
+        if (c < 0x20 || c >= 0x7f)
             fprintf(stderr, "\\x%02x", c);
         else
             fputc(c, stderr);
@@ -120,6 +124,36 @@ static int sanitize_std_fds(void)
             return -1;
     }
     return 0;
+}
+
+/*
+ * Open block device PATH read-only without opening anything else: the type
+ * is checked on an O_PATH fd, then that same inode is reopened through
+ * /proc/self/fd.  Returns the fd, or -1 with errno (ENOTBLK: not a block
+ * device; ENOENT from the reopen: /proc is not mounted).
+ */
+static int open_block_device(const char *path)
+{
+    char proc[sizeof("/proc/self/fd/") + 3 * sizeof(int)];
+    struct stat sb;
+    int pfd, fd = -1, err;
+
+    pfd = open(path, O_PATH | O_CLOEXEC);
+    if (pfd < 0)
+        return -1;
+    if (fstat(pfd, &sb) != 0)
+        goto out;
+    if (!S_ISBLK(sb.st_mode)) {
+        errno = ENOTBLK;
+        goto out;
+    }
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", pfd);
+    fd = open(proc, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+out:
+    err = errno;
+    close(pfd);
+    errno = err;
+    return fd;
 }
 
 /* "fd:N" with N decimal digits only, no sign, no leading zero, <= INT_MAX. */
@@ -191,9 +225,13 @@ int main(int argc, char **argv)
         }
     } else {
         /* Effective set empty: the caller's own permissions decide. */
-        fd = open(arg, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        fd = open_block_device(arg);
         if (fd < 0) {
             err = errno;
+            if (err == ENOTBLK) {
+                fail(arg, "not a block device", 0);
+                return EXIT_USAGE;
+            }
             fail(arg, "cannot open", err);
             return err == ENOENT || err == ENOTDIR ? EXIT_USAGE : EXIT_FAILED;
         }

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -189,6 +191,41 @@ def test_escapes_control_characters_in_messages(granted):
     assert one_line(proc).startswith("blkcache-flush: /dev/no\\x1b[31mdevice: cannot open")
 
 
+def test_escapes_bytes_above_ascii_in_messages(granted):
+    """0x9b is a one-byte CSI on terminals that take C1 controls; UTF-8 is escaped too."""
+    proc = granted.run(granted.helper, b"/dev/caf\xc3\xa9\x9b[2J", errors="surrogateescape")
+    assert proc.returncode == 2
+    assert proc.stderr.isascii(), proc.stderr
+    assert one_line(proc) == ("blkcache-flush: /dev/caf\\xc3\\xa9\\x9b[2J: cannot open: "
+                              "No such file or directory")
+
+
+def test_opens_no_fifo_by_path(granted, odd_files):
+    """A writer blocked opening a FIFO stays blocked: the helper looks at the
+    type through an O_PATH fd and never opens what is not a block device."""
+    fifo = odd_files["fifo"]
+    writer = subprocess.Popen([sys.executable, "-c",
+                               "import os, sys; os.open(sys.argv[1], os.O_WRONLY); "
+                               "print('released', flush=True)", fifo],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)
+        assert writer.poll() is None, "the writer did not block"
+        proc = granted.run(granted.helper, fifo, timeout=10)
+        assert proc.returncode == 2
+        assert one_line(proc) == f"blkcache-flush: {fifo}: not a block device"
+        time.sleep(0.3)
+        assert writer.poll() is None, "the helper opened the FIFO and released its writer"
+    finally:
+        # Release the writer ourselves (a reader that does not block), then reap it.
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            writer.wait(timeout=10)
+        finally:
+            os.close(fd)
+            writer.stdout.close()
+
+
 # -- capabilities only around the ioctl --------------------------------------------
 
 SYSCALL = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
@@ -232,11 +269,16 @@ def test_capability_is_effective_only_around_the_ioctl(granted, loopdev, scratch
     # Between raising and dropping: the ioctl and nothing else.
     assert calls[raise_ + 1:drop] == [calls[raise_ + 1]], text
     assert calls[raise_ + 1][0] == "ioctl" and "BLKFLSBUF" in calls[raise_ + 1][1], text
-    # The device is opened with the caller's permissions: before the raise.
-    opens = [i for i, (name, args) in enumerate(calls)
-             if name in ("openat", "open") and loopdev in args]
-    assert len(opens) == 1 and keep < opens[0] < raise_, text
-    assert "O_RDONLY|O_NOCTTY|O_NONBLOCK|O_CLOEXEC" in calls[opens[0]][1]
+    # The device is looked at through an O_PATH fd first, then that inode is
+    # opened with the caller's permissions through /proc/self/fd: before the raise.
+    opens = [i for i, (name, args) in enumerate(calls) if name in ("openat", "open")
+             and (loopdev in args or "/proc/self/fd/" in args)]
+    assert len(opens) == 2 and keep < opens[0] < opens[1] < raise_, text
+    first, second = calls[opens[0]][1], calls[opens[1]][1]
+    assert f'"{loopdev}"' in first and "O_PATH" in first, text
+    pfd = re.search(r"= (\d+)$", first).group(1)
+    assert f'"/proc/self/fd/{pfd}"' in second, text
+    assert "O_RDONLY|O_NOCTTY|O_NONBLOCK|O_CLOEXEC" in second, text
     # Nothing is executed or written; it ends right after dropping.
     assert not {"execve", "execveat", "write", "unlink", "unlinkat"} & set(names), text
     assert all(name in ("exit_group", "exit") for name in names[drop + 1:]), text

@@ -102,6 +102,18 @@ def _find_python(root):
     return None, tried
 
 
+def _no_system_helper():
+    """The copy's helper is the one under test: drop and doctor look in the
+    system locations first (blkcache.privilege.HELPER_DIRS)."""
+    from blkcache import privilege
+
+    for path in privilege.helper_candidates()[:-1]:
+        if os.path.lexists(path):
+            _skip_or_fail(f"{path} exists, and drop would use it rather than the copy "
+                          "under test (remove it: apt-get purge blkcache, or blkcache "
+                          "install-helper --uninstall)")
+
+
 @contextlib.contextmanager
 def unprivileged_copy():
     if os.geteuid() != 0:
@@ -109,6 +121,7 @@ def unprivileged_copy():
     for tool in ("setpriv", "setcap"):
         if shutil.which(tool) is None:
             _skip_or_fail(f"{tool} is not installed")
+    _no_system_helper()
     root = tempfile.mkdtemp(prefix="blkcache-nobody-", dir="/var/tmp")
     unpriv = None
     try:

@@ -22,6 +22,7 @@ COMMANDS = {
     "drop": "drop",
     "failures": "failures",
     "hook": "hook",
+    "install-helper": "install_helper",
     "status": "status",
     "verify": "verify",
     "watch": "watch",

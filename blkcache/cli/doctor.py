@@ -8,19 +8,20 @@ from . import options, output, render
 @click.command("doctor", context_settings=options.CONTEXT)
 @options.devices(required=False)
 @click.option("--helper-path", is_flag=True,
-              help="Print only the path of the setcap helper blkcache-flush (for "
-                   "setcap cap_sys_admin+p \"$(blkcache doctor --helper-path)\").")
+              help="Print only the path of the package's own copy of the setcap "
+                   "helper blkcache-flush (what install-helper installs).")
 @options.apply(options.JSON)
 def command(devices, helper_path, as_json):
     """Check what blkcache can do here, as this user, and how to fix it.
 
     Reports the kernel, whether cachestat(2) exists, this process's effective
-    capabilities, the helper blkcache-flush and its file capability, the
-    method 'drop' will use, for each DEVICE whether status and verify will
-    get counts from the kernel as this user or only "unknown", and the
-    failed write-backs on record (see 'blkcache failures').  Each problem
-    comes with a fix.  Exit status 0 once the report is printed
-    (problems or not), 2 on bad usage, 5 when --helper-path finds no helper.
+    capabilities, the helper blkcache-flush and its file capability (which
+    copy is used, and why not the others), the method 'drop' will use, for
+    each DEVICE whether status and verify will get counts from the kernel as
+    this user or only "unknown", and the failed write-backs on record (see
+    'blkcache failures').  Each problem comes with a fix.  Exit status 0 once
+    the report is printed (problems or not), 2 on bad usage, 5 when
+    --helper-path finds no helper.
     """
     from .. import exitcodes
 

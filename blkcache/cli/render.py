@@ -237,7 +237,8 @@ def _helper_text(helper):
         return "not installed"
     if helper.usable:
         return f"{helper.capabilities}, usable"
-    return f"{helper.capabilities or 'no file capability'}, not usable"
+    verdict = "not trusted" if helper.trusted is False else "not usable"
+    return f"{helper.capabilities or 'no file capability'}, {verdict}"
 
 
 def _device_line(dev):
@@ -263,6 +264,8 @@ def doctor(report):
         f"no_new_privs: {_YES[report.no_new_privs]}",
         f"capabilities:  {_caps_text(report)}",
         f"helper:        {display(helper.path)} ({_helper_text(helper)})",
+        *(f"  not used:    {display(c.path)}: {c.why_not}"
+          for c in report.helpers if not c.used and c.path != helper.path),
         f"drop method:   {report.drop_method.method}: {report.drop_method.reason}",
     ]
     lines += [_device_line(dev) for dev in report.devices]
