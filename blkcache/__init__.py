@@ -15,7 +15,7 @@ _API = ("status", "drop", "verify", "Target", "CacheState", "DropResult",
 _ERRORS = ("BlkcacheError", "UnsupportedFileError", "InvalidRangeError", "UsageError",
            "MethodUnavailableError", "DirtyPagesError", "CannotTellError",
            "WritebackError", "WritebackFailedBefore", "HelperError",
-           "MissingDependencyError")
+           "MissingDependencyError", "StateDirError", "BusyError")
 
 __all__ = ["__version__", *_API, *_ERRORS]
 

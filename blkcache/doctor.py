@@ -3,10 +3,11 @@
 ``doctor(paths)`` returns a DoctorReport: kernel, whether cachestat(2)
 exists, this process's effective capabilities, the helper and its file
 capability (every place searched for it: the one used, and why not the
-others), the method ``drop`` would use, and for each path whether
+others), the method ``drop`` would use, for each path whether
 cachestat/mincore will tell this user the truth about its page cache (the
-rule of Linux 6.14 for cachestat, of 5.2 for mincore).  Every problem comes
-with a fix.  The CLI only renders this.
+rule of Linux 6.14 for cachestat, of 5.2 for mincore), and the failed
+write-backs on record (blkcache.failures), each live, stale or unknown.
+Every problem comes with a fix.  The CLI only renders this.
 """
 
 import errno
@@ -17,8 +18,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from . import caps, privilege
-from .errors import UnsupportedFileError
+from . import caps, failures, privilege
+from .errors import StateDirError, UnsupportedFileError
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class DoctorReport:
     setcap_command: str                     # grants the capability to a trusted helper
     devices: Tuple[DeviceCheck, ...]
     problems: Tuple[Problem, ...]
+    #: Whether the kernel numbers disk instances (BLKGETDISKSEQ, Linux 5.15):
+    #: without, a failure record blocks every device with its number.
+    diskseq: Optional[bool] = None
+    state_dir: str = ""
+    #: failures.Failure records, each with its state.
+    failures: Tuple[object, ...] = ()
 
     @property
     def ok(self):
@@ -67,6 +74,7 @@ class DoctorReport:
 
     def to_dict(self):
         data = asdict(self)
+        data["failures"] = [f.to_dict() for f in self.failures]
         data["ok"] = self.ok
         return data
 
@@ -155,6 +163,32 @@ def check_device(path, method_choice, user):
                             answers["mincore"], usable, method), problems)
 
 
+def failure_records():
+    """(records, problems): the failed write-backs on record and what to do."""
+    shown = failures.state_dir()
+    try:
+        found = failures.records()
+    except StateDirError as exc:
+        return (), [Problem(exc.path, exc.message, exc.fix)]
+    except OSError as exc:
+        return (), [Problem(shown, f"cannot read the failure records: {exc.strerror or exc}",
+                            "let this user read the directory, or run doctor as root")]
+    problems = []
+    for failure in found:
+        if failure.state == "stale":
+            continue        # blocks nothing; listed, and --prune removes it
+        quoted = shlex.quote(failure.path)
+        if failure.problem is not None:
+            what = f"record {failure.record} cannot be read ({failure.problem})"
+        else:
+            what = failure.describe()
+        problems.append(Problem(
+            failure.path, f"{what}: drop refuses",
+            "save what is needed from the cache, then "
+            f"blkcache drop --discard-failed {quoted} (or blkcache failures --clear {quoted})"))
+    return tuple(found), problems
+
+
 def doctor(paths=()):
     """A DoctorReport for this process and each of ``paths``."""
     uid = os.geteuid()
@@ -174,6 +208,15 @@ def doctor(paths=()):
     if choice.method == "fadvise":
         problems.append(Problem("drop", f"drop falls back to posix_fadvise: "
                                         f"{helper.problem}", helper.fix))
+    diskseq = failures.diskseq_available()
+    if diskseq is False:
+        problems.append(Problem(
+            "kernel", f"Linux {os.uname().release} has no disk sequence numbers "
+                      "(BLKGETDISKSEQ, new in 5.15): a failed write-back record blocks "
+                      "every later device with the same major:minor until cleared",
+            "upgrade to Linux 5.15 or later; clear a record with blkcache failures --clear"))
+    records, found = failure_records()
+    problems.extend(found)
     devices = []
     for path in paths:
         check, found = check_device(os.fspath(path), choice, user)
@@ -188,7 +231,8 @@ def doctor(paths=()):
         drop_method=choice,
         setcap_command=(privilege.setcap_command(helper.path) if helper.trusted is not False
                         else "blkcache install-helper"),
-        devices=tuple(devices), problems=tuple(problems))
+        devices=tuple(devices), problems=tuple(problems), diskseq=diskseq,
+        state_dir=failures.state_dir(), failures=records)
 
 
 __all__ = ["DoctorReport", "DeviceCheck", "Problem", "doctor", "cachestat_available"]

@@ -10,6 +10,7 @@ from .errors import (
     CannotTellError,
     DirtyPagesError,
     MethodUnavailableError,
+    StateDirError,
     WritebackError,
     WritebackFailedBefore,
 )
@@ -23,7 +24,8 @@ class Checked(NamedTuple):
     """What check() found: nothing stops a drop of the range."""
 
     method: str                 # "ioctl", "helper" or "fadvise"
-    warning: Optional[str]      # auto fell back to posix_fadvise on a whole device
+    warning: Optional[str]      # auto fell back to posix_fadvise on a whole device, or
+                                # (discard_failed) the state directory is not trusted
     before: CacheState
     failure: Optional[Failure]  # a failed write-back on record (discard_failed given)
 
@@ -36,23 +38,71 @@ def check(target, rng, method="auto", expect_clean=False, interface="auto",
     (DirtyPagesError, CannotTellError).  A Checked; nothing changes.
 
     A caller with several devices checks them all before dropping any
-    (blkcache.integrations.ansible)."""
-    failure = failures.lookup(target.fd)
+    (blkcache.integrations.ansible); drop() checks again, under the lock."""
+    failure, record_warning = _failure_on_record(target, discard_failed)
+    method, warning = choose_method(target, method, rng)
+    before = target.status(rng=rng, interface=interface)
+    if expect_clean:
+        _refuse_dirty(target, before)
+    return Checked(method, _join(warning, record_warning), before, failure)
+
+
+def _join(*warnings):
+    return "; ".join(w for w in warnings if w) or None
+
+
+def _failure_on_record(target, discard_failed):
+    """(Failure or None, warning or None); WritebackFailedBefore or
+    StateDirError when the drop must not go on."""
+    try:
+        failure = failures.lookup(target.fd)
+    except StateDirError as exc:
+        if not discard_failed:
+            raise StateDirError(
+                f"{exc.message}; cannot tell whether a failed write-back of "
+                f"{target.path} is on record, so nothing was dropped", exc.path,
+                exc.fix) from None
+        return None, f"{exc.path}: {exc.message}: no record consulted or removed"
     if failure is not None and not discard_failed:
         raise WritebackFailedBefore(
             f"{failure.describe()}: its cached pages may be the only copy of that "
             "data; nothing was dropped (save what is needed, then drop with "
             "--discard-failed)", target.path, failure)
-    method, warning = choose_method(target, method, rng)
-    before = target.status(rng=rng, interface=interface)
-    if expect_clean:
-        _refuse_dirty(target, before)
-    return Checked(method, warning, before, failure)
+    return failure, None
+
+
+def _forget(target, failure):
+    """Remove the record a completed --discard-failed drop made obsolete; a
+    warning if it cannot be removed (the drop itself succeeded)."""
+    try:
+        failures.clear(target.fd)
+    except StateDirError as exc:
+        reason = f"{exc.path}: {exc.message}"
+    except OSError as exc:
+        reason = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        return None
+    return (f"the record {failure.record} could not be removed ({reason}); "
+            "later drops refuse until it is (blkcache failures --clear)")
 
 
 def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES,
          interface="auto", discard_failed=False):
-    """DropResult of dropping ``rng`` of ``target``; see Target.drop."""
+    """DropResult of dropping ``rng`` of ``target``; see Target.drop.
+
+    The device's drop lock (failures.lock) is held from the look-up of a
+    failure on record to the end, so that the failure a concurrent drop's
+    sync was told of is on record before this one looks.
+    """
+    failures.lock(target.fd, target.path)
+    try:
+        return _drop_locked(target, rng, method, expect_clean, retries, interface,
+                            discard_failed)
+    finally:
+        failures.unlock(target.fd)
+
+
+def _drop_locked(target, rng, method, expect_clean, retries, interface, discard_failed):
     method, warning, before, failure = check(target, rng, method, expect_clean, interface,
                                              discard_failed)
     attempts = 0
@@ -67,7 +117,7 @@ def drop(target, rng, method="auto", expect_clean=False, retries=DEFAULT_RETRIES
         time.sleep(delay)
         delay *= 2
     if failure is not None:
-        failures.clear(target.fd)
+        warning = _join(warning, _forget(target, failure))
     return DropResult(target.path, target.device, method, attempts, before, after, warning)
 
 
@@ -137,13 +187,16 @@ def _sync(target, rng, before, interface):
         err = exc.errno
     else:
         return
-    after = target.status(rng=rng, interface=interface)
-    # The kernel tells each open file once and marks the pages clean: remember
-    # it, or the next drop would discard the only copy.
+    # The kernel tells each open file once and marks the pages clean: record
+    # it at once (the drop lock keeps every other drop of this device
+    # waiting), or the next drop would discard the only copy.
     try:
         record, problem = failures.record(target.fd, target.path, err, before.dirty), None
+    except StateDirError as exc:
+        record, problem = None, f"{exc.path}: {exc.message}; fix: {exc.fix}"
     except OSError as exc:
         record, problem = None, f"{exc.strerror or exc}: {exc.filename}"
+    after = target.status(rng=rng, interface=interface)
     raise WritebackError(err, target.path, before, after, record, problem)
 
 

@@ -76,6 +76,21 @@ class WritebackFailedBefore(BlkcacheError):
         self.failure = failure
 
 
+class StateDirError(BlkcacheError):
+    """The state directory of blkcache.failures cannot be trusted: a symbolic
+    link, not a directory, owned by another user, or writable by group or
+    others.  ``path`` is the directory; ``fix`` says what to do."""
+
+    def __init__(self, message, path=None, fix=None):
+        super().__init__(message, path)
+        self.fix = fix
+
+
+class BusyError(BlkcacheError):
+    """Another process held the device's drop lock (flock) for too long;
+    nothing was dropped."""
+
+
 class MissingNodeError(BlkcacheError):
     """A device found by a recursive expansion (a partition, the disk, a
     sysfs slave) that has no node in /dev: it cannot be opened, so it was not

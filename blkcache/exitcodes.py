@@ -8,11 +8,13 @@ man/blkcache.8 and README.md to it.
 from .errors import (
     NOT_FOUND_ERRNOS,
     BlkcacheError,
+    BusyError,
     CannotTellError,
     DirtyPagesError,
     MethodUnavailableError,
     MissingDependencyError,
     MissingNodeError,
+    StateDirError,
     WritebackFailedBefore,
 )
 
@@ -39,8 +41,10 @@ TABLE = (
     (DIRTY, ("drop --expect-clean refused: dirty pages found, nothing done;",
              "verify --coherence: dirty pages not compared (and none stale)")),
     (FAILURE, ("failure: permission denied, I/O error, failed write-back (now or",
-               "on record: see --discard-failed), method unavailable, device gone;",
-               "status --prometheus: prometheus_client missing")),
+               "on record: see --discard-failed and blkcache failures), state",
+               "directory not trusted, method unavailable, device gone, output",
+               "not delivered (standard output full or closed); status --prometheus:",
+               "prometheus_client missing")),
     (ALL_FAILED, ("several devices: all failed (5)",)),
     (SOME_FAILED, ("several devices: some failed (5)",)),
 )
@@ -60,8 +64,9 @@ def help_text():
     return "\n".join(lines)
 
 
-# When several devices give different answers, the worse one wins.
-_SEVERITY = (OK, RESIDENT, UNKNOWN, DIRTY, FAILURE)
+# When several devices give different answers, the worse one wins (bad input
+# on one device, found only once it was reached, ranks above every verdict).
+_SEVERITY = (OK, RESIDENT, UNKNOWN, DIRTY, USAGE, FAILURE)
 
 
 def for_state(state):
@@ -84,7 +89,7 @@ def for_error(exc):
     if isinstance(exc, CannotTellError):
         return UNKNOWN
     if isinstance(exc, (MethodUnavailableError, WritebackFailedBefore, MissingNodeError,
-                        MissingDependencyError)):
+                        MissingDependencyError, StateDirError, BusyError)):
         return FAILURE
     if isinstance(exc, BlkcacheError):
         return USAGE
@@ -105,7 +110,11 @@ def combine(codes):
         return ALL_FAILED
     if failed:
         return SOME_FAILED
-    return max(codes, key=_SEVERITY.index)
+    return max(codes, key=_rank)
+
+
+def _rank(code):
+    return _SEVERITY.index(code) if code in _SEVERITY else len(_SEVERITY)
 
 
 def for_result(result):

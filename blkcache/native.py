@@ -69,6 +69,14 @@ def drop_range(fd, offset, length, path=None):
         raise _error(path)
 
 
+def disk_seq(fd, path=None):
+    """ioctl BLKGETDISKSEQ: the disk sequence number (ENOTTY before Linux 5.15)."""
+    out = ffi.new("uint64_t *")
+    if lib.blkcache_disk_seq(fd, out) != 0:
+        raise _error(path)
+    return int(out[0])
+
+
 def logical_block_size(fd, path=None):
     """ioctl BLKSSZGET: the logical block size in bytes (0 if the driver says 0)."""
     out = ffi.new("unsigned int *")

@@ -23,12 +23,14 @@ class Target:
     ...     t.status().cached
     """
 
+    #: The descriptor; -1 once closed (or when __init__ failed before opening).
+    fd = -1
+
     def __init__(self, path):
         path = os.fspath(path)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         self.path = path
-        self.fd = -1
         if path == "":
             raise FileNotFoundError(errno.ENOENT, "empty path", path)
         # Type-checked before anything is opened (see safeopen): a directory,
@@ -92,7 +94,11 @@ class Target:
 
         A failed write-back is recorded (blkcache.failures); until
         ``discard_failed=True`` says the cached data may go, later drops of
-        that device raise WritebackFailedBefore and drop nothing.
+        that device instance raise WritebackFailedBefore and drop nothing.
+        An exclusive flock(2) on the device's descriptor is held from that
+        lookup to the end (BusyError after failures.LOCK_TIMEOUT seconds of
+        waiting for another drop), so that a concurrent drop cannot miss a
+        failure the kernel reported to this one only.
         """
         return dropping.drop(self, self.range(offset, length), method, expect_clean,
                              retries, interface, discard_failed)

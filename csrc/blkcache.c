@@ -32,6 +32,10 @@
 # endif
 #endif
 
+#ifndef BLKGETDISKSEQ
+# define BLKGETDISKSEQ _IOR(0x12, 128, __u64)    /* Linux 5.15 */
+#endif
+
 #define MINCORE_DEFAULT_WINDOW (128ULL << 20)
 #define MINCORE_MAX_WINDOW (1ULL << 30)     /* a 256 KiB vector per thread */
 #define MINCORE_MAX_THREADS 64
@@ -78,6 +82,16 @@ int blkcache_device_size(int fd, uint64_t *size)
     if (ioctl(fd, BLKGETSIZE64, &bytes) != 0)
         return -1;
     *size = bytes;
+    return 0;
+}
+
+int blkcache_disk_seq(int fd, uint64_t *seq)
+{
+    __u64 value = 0;
+
+    if (ioctl(fd, BLKGETDISKSEQ, &value) != 0)
+        return -1;
+    *seq = value;
     return 0;
 }
 

@@ -31,6 +31,13 @@ int blkcache_flush_buffers(int fd);
 /* ioctl(BLKGETSIZE64): device size in bytes. */
 int blkcache_device_size(int fd, uint64_t *size);
 
+/*
+ * ioctl(BLKGETDISKSEQ): the disk sequence number, unique per attached disk
+ * for the life of the boot (a partition reports its disk's).  ENOTTY before
+ * Linux 5.15.
+ */
+int blkcache_disk_seq(int fd, uint64_t *seq);
+
 /* ioctl(BLKSSZGET): logical block size in bytes. */
 int blkcache_logical_block_size(int fd, unsigned int *size);
 

@@ -23,10 +23,21 @@ def env():
     return out
 
 
-def run(*args, timeout=60, stdin=subprocess.DEVNULL):
+# `python -m blkcache`, reading the sysfs tree named by its first argument.
+_SYSFS_MAIN = ("import sys\n"
+               "import blkcache.stack\n"
+               "blkcache.stack.SYSFS = sys.argv.pop(1)\n"
+               "from blkcache.cli import main\n"
+               "main(sys.argv[1:])\n")
+
+
+def run(*args, timeout=60, stdin=subprocess.DEVNULL, sysfs=None):
     """(returncode, stdout, stderr) of `python -m blkcache ARGS` (str, bytes or
-    path-like args); the one way the tests run the command line."""
-    proc = subprocess.run([sys.executable, "-m", "blkcache", *map(_arg, args)], stdin=stdin,
+    path-like args); the one way the tests run the command line.  ``sysfs``:
+    a hand-built tree the command reads instead of /sys (blkcache.stack)."""
+    command = [sys.executable, "-m", "blkcache"] if sysfs is None else \
+        [sys.executable, "-c", _SYSFS_MAIN, str(sysfs)]
+    proc = subprocess.run([*command, *map(_arg, args)], stdin=stdin,
                           capture_output=True, timeout=timeout, env=env())
     out = proc.stdout.decode("utf-8", "surrogateescape")
     err = proc.stderr.decode("utf-8", "surrogateescape")
@@ -34,9 +45,9 @@ def run(*args, timeout=60, stdin=subprocess.DEVNULL):
     return proc.returncode, out, err
 
 
-def completed(*args, timeout=60, stdin=subprocess.DEVNULL):
+def completed(*args, timeout=60, stdin=subprocess.DEVNULL, sysfs=None):
     """run(), as a subprocess.CompletedProcess (returncode, stdout, stderr)."""
-    code, out, err = run(*args, timeout=timeout, stdin=stdin)
+    code, out, err = run(*args, timeout=timeout, stdin=stdin, sysfs=sysfs)
     return subprocess.CompletedProcess(["blkcache", *args], code, out, err)
 
 

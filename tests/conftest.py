@@ -19,6 +19,7 @@ from blkcache.errors import BlkcacheError
 sys.path.insert(0, os.path.dirname(__file__))
 
 import evict  # noqa: E402
+from test_recursive import partitioned  # noqa: E402,F401  (a disk with two partitions)
 from units import MiB  # noqa: E402
 from unprivileged import granted, nobody  # noqa: E402,F401  (fixtures for every module)
 

@@ -6,20 +6,29 @@ silently discard them.  drop records the failure and refuses until
 --discard-failed says the cached data may go.
 """
 
+import errno
+import json
 import os
+import subprocess
+import sys
+import time
 
 import blkcache
 
 import cliproc
 import kernel
+import needs
 from test_faults import _image_on, mounted
 from units import PAGE, MiB
 
 
 def record_name(device):
-    """The failure record's documented name, from stat(2): block-MAJOR:MINOR."""
+    """The failure record's documented name, from stat(2) and sysfs:
+    block-MAJOR:MINOR-seqN (N: the disk's sequence number)."""
     rdev = os.stat(device).st_rdev
-    return f"block-{os.major(rdev)}:{os.minor(rdev)}"
+    with open(f"/sys/block/{os.path.basename(device)}/diskseq") as f:
+        seq = int(f.read())
+    return f"block-{os.major(rdev)}:{os.minor(rdev)}-seq{seq}"
 
 
 def _failing_device(loops, mnt):
@@ -134,3 +143,179 @@ def test_a_damaged_record_still_refuses(loopdev, tmp_path):
     code, _, err = cliproc.run("drop", "--discard-failed", loopdev)
     assert code == 0, err
     assert kernel.cached_pages(loopdev) == 0 and not any(records.iterdir())
+
+
+# -- issue 10: a record belongs to one device instance ----------------------------
+
+def _reattach_same_number(loops, device, image):
+    """Detach ``device`` and attach ``image`` to the same node: a new instance
+    with the same major:minor (the way numbers are reused in a fleet)."""
+    kernel.losetup("-d", device)
+    loops.devices.remove(device)
+    kernel.losetup(device, image)
+    loops.devices.append(device)
+
+
+def test_a_record_of_a_detached_instance_blocks_nothing(loops, tmp_path):
+    """A failure on one instance; the number is then reused by an unrelated
+    device.  Its drop goes ahead; failures/doctor call the record stale, and
+    --prune removes it."""
+    records = tmp_path / "state" / "writeback-failed"
+    with mounted("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs") as mnt:
+        device, wfd = _failing_device(loops, mnt)
+        seq = int(open(f"/sys/block/{os.path.basename(device)}/diskseq").read())
+        code, _, err = cliproc.run("drop", device)
+        assert code == 5 and "write-back failed" in err
+        rdev = os.stat(device).st_rdev
+        name = f"block-{os.major(rdev)}:{os.minor(rdev)}-seq{seq}"
+        assert os.listdir(records) == [name]
+        code, out, _ = cliproc.run("failures", "-J")
+        [live] = json.loads(out)["failures"]
+        assert code == 0 and live["state"] == "live" and live["diskseq"] == seq
+        assert live["dirty"] == 16 * MiB // PAGE and live["errno"] in (errno.EIO,
+                                                                        errno.ENOSPC)
+        os.close(wfd)
+        # The same node, another volume: a new instance.
+        _reattach_same_number(loops, device, loops.image(32 * MiB))
+    assert int(open(f"/sys/block/{os.path.basename(device)}/diskseq").read()) != seq
+    fd = loops.hold(device)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    kernel.read_buffered(fd, 0, 4 * MiB)
+    before = kernel.cachestat(fd)["nr_cache"]
+    assert before > 512
+    code, out, err = cliproc.run("drop", device)
+    assert (code, err) == (0, ""), (out, err)
+    assert kernel.cachestat(fd)["nr_cache"] == 0
+
+    code, out, _ = cliproc.run("doctor", "-J")
+    report = json.loads(out)
+    [stale] = report["failures"]
+    assert code == 0 and stale["state"] == "stale" and stale["diskseq"] == seq
+    assert stale["rdev"] == f"{os.major(rdev)}:{os.minor(rdev)}"
+    assert not any(name in p["problem"] for p in report["problems"])
+    code, out, _ = cliproc.run("doctor")
+    assert "stale: that device instance is gone, it blocks nothing" in out
+    code, out, _ = cliproc.run("failures")
+    assert out.splitlines()[1].split()[0] == "stale"
+    code, out, _ = cliproc.run("failures", "--prune")
+    assert code == 0 and f"removed {records / name}" in out
+    assert os.listdir(records) == []
+
+
+def test_a_record_without_instance_still_blocks_its_number(loopdev, tmp_path):
+    """What a kernel without diskseq (or an older blkcache) writes: block-MAJ:MIN.
+    It cannot tell instances apart, so it blocks (the conservative choice),
+    doctor says 'unknown', and failures --clear lifts it without a drop."""
+    from blkcache import failures
+
+    os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
+    kernel.read_buffered(loopdev.fd, 0, 4 * MiB)
+    records = tmp_path / "state" / "writeback-failed"
+    records.mkdir(parents=True)
+    rdev = os.stat(loopdev).st_rdev
+    legacy = f"block-{os.major(rdev)}:{os.minor(rdev)}"
+    (records / legacy).write_text(json.dumps(
+        {"path": str(loopdev), "errno": errno.EIO, "dirty": 7, "when": 1.0e9}))
+    assert failures.key_of(loopdev.fd).names()[1] == legacy
+    before = kernel.cachestat(loopdev.fd)["nr_cache"]
+    code, out, err = cliproc.run("drop", loopdev)
+    assert (code, out) == (5, "") and f"record {records / legacy};" in err
+    assert ("recorded without a disk sequence number, so it may be about another device "
+            f"that had the number {os.major(rdev)}:{os.minor(rdev)}") in err
+    assert kernel.cachestat(loopdev.fd)["nr_cache"] > before // 2
+    code, out, _ = cliproc.run("doctor", "-J")
+    [unknown] = json.loads(out)["failures"]
+    assert unknown["state"] == "unknown" and unknown["diskseq"] is None
+    code, out, err = cliproc.run("failures", "--clear", loopdev)
+    assert code == 0 and f"removed {records / legacy}" in out, err
+    assert os.listdir(records) == []
+    code, out, err = cliproc.run("drop", loopdev)
+    assert code == 0, err
+
+
+DELAYED_SYNC = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync",
+                "-e", "inject=fdatasync:delay_exit=3000000"]
+
+
+def test_two_concurrent_drops_cannot_both_miss_the_failure(loops, scratch_dir):
+    """A's fdatasync fails, and returns late (strace delays its exit by 3 s).
+    B starts meanwhile: the kernel has told A only, so B's own sync succeeds.
+    B must wait for A's lock, find A's record and refuse: the pages A could
+    not write stay cached."""
+    strace = needs.need_tool("strace", "strace")
+    with mounted("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs") as mnt:
+        device, wfd = _failing_device(loops, mnt)
+        try:
+            a = subprocess.Popen([strace, *DELAYED_SYNC, sys.executable, "-m", "blkcache",
+                                  "drop", device], env=cliproc.env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                # A's write-back has run (and failed) when no page is dirty any more.
+                deadline = time.monotonic() + 20
+                while kernel.cachestat(wfd)["nr_dirty"] and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert kernel.cachestat(wfd)["nr_dirty"] == 0
+                time.sleep(0.5)             # A is inside its delayed fdatasync
+                assert a.poll() is None
+                cached = kernel.cachestat(wfd)["nr_cache"]
+                code, out, err = cliproc.run("drop", device)
+            finally:
+                a_out, a_err = a.communicate(timeout=60)
+            assert a.returncode == 5 and "write-back failed" in a_err, (a_out, a_err)
+            line = cliproc.one_error_line(err)
+            assert (code, out) == (5, ""), err
+            assert "an earlier write-back of this device failed" in line
+            # Without the lock B would have dropped all of them.
+            assert kernel.cachestat(wfd)["nr_cache"] > cached // 2
+            assert os.pread(wfd, MiB, 15 * MiB) == b"\xc3" * MiB
+        finally:
+            _release(loops, device, wfd)
+
+
+def test_a_record_that_cannot_be_removed_after_a_discarding_drop_is_a_warning(
+        loopdev, tmp_path):
+    """drop --discard-failed did its job; the record's directory is read-only:
+    a warning, exit 0, and the record stays (later drops still refuse)."""
+    from blkcache import failures
+
+    os.posix_fadvise(loopdev.fd, 0, 0, os.POSIX_FADV_RANDOM)
+    kernel.read_buffered(loopdev.fd, 0, 4 * MiB)
+    records = tmp_path / "state" / "writeback-failed"
+    records.mkdir(parents=True)
+    name = failures.key_of(loopdev.fd).name
+    (records / name).write_text(json.dumps(
+        {"path": str(loopdev), "errno": errno.EIO, "dirty": 3, "when": 1.0e9}))
+    subprocess.run(["mount", "--bind", str(records), str(records)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(records)], check=True)
+        code, out, err = cliproc.run("drop", "--discard-failed", loopdev)
+        line = cliproc.one_error_line(err)
+        assert code == 0, err
+        assert line.startswith(f"blkcache: warning: {loopdev}: the record ")
+        assert f"could not be removed ({records / name}: Read-only file system)" in line
+        assert "-> 0 pages cached" in out
+        assert kernel.cachestat(loopdev.fd)["nr_cache"] == 0
+        assert os.listdir(records) == [name]
+    finally:
+        cliproc.umount(str(records))
+
+
+def test_a_partition_record_lives_as_long_as_its_disk_instance(partitioned, loops):
+    """A partition has its disk's sequence number: its record is live (and
+    refuses) while that disk instance is attached."""
+    from blkcache import failures
+
+    disk, p1, _ = partitioned
+    fd = loops.hold(p1)
+    key = failures.key_of(fd)
+    with open(f"/sys/block/{os.path.basename(disk)}/diskseq") as f:
+        assert key.seq == int(f.read())
+    assert key.rdev == f"{os.major(os.stat(p1).st_rdev)}:{os.minor(os.stat(p1).st_rdev)}"
+    records = os.path.join(os.environ["BLKCACHE_STATE_DIR"], "writeback-failed")
+    os.makedirs(records)
+    with open(os.path.join(records, key.name), "w") as f:
+        json.dump({"path": p1, "errno": errno.EIO, "dirty": 1, "when": 1.0e9}, f)
+    code, out, _ = cliproc.run("failures", "-J")
+    assert [r["state"] for r in json.loads(out)["failures"]] == ["live"]
+    code, out, err = cliproc.run("drop", p1)
+    assert code == 5 and "an earlier write-back of this device failed" in err

@@ -112,9 +112,12 @@ def test_status_and_drop_recursive(partitioned, loops):
     assert [row[-1] for row in rows] == [disk, p1, p2]
     for row in rows:
         kernel.between(before[row[-1]], int(row[1]), after[row[-1]], row[-1])
-    # Without --recursive: the disk only.
+    # Without --recursive: the disk only, and a line naming what was left out.
     out = cliproc.completed("status", "-n", disk)
-    assert (out.returncode, out.stderr, len(out.stdout.splitlines())) == (0, "", 1)
+    name = os.path.basename(disk)
+    assert (out.returncode, len(out.stdout.splitlines())) == (0, 1)
+    assert out.stderr == (f"blkcache: 2 related devices not checked ({name}p1: partition of "
+                          f"{name}, {name}p2: partition of {name}); use -r\n")
     before = {dev: kernel.cachestat(fd)["nr_cache"] for dev, fd in fds.items()}
     out = cliproc.completed("drop", "--recursive", "--json", disk)
     assert (out.returncode, out.stderr) == (0, "")
@@ -157,10 +160,12 @@ def test_write_through_partition_leaves_stale_disk_pages(partitioned, loops):
                                                                      p1), stress=0)
     p1_row, disk_row = out.stdout.splitlines()
     assert p1_row == f"{p1}: clean: 0 of 4096 pages (0B) cached"
-    pages = int(disk_row.split()[2])
+    label = f"{disk} (disk of {os.path.basename(p1)}): "
+    assert disk_row.startswith(label), disk_row
+    pages = int(disk_row[len(label):].split()[1])
     kernel.between(before, pages, after, disk)
     verdict = "resident" if pages else "clean"
-    assert disk_row.startswith(f"{disk}: {verdict}: {pages} of 8192 pages ("), disk_row
+    assert disk_row.startswith(f"{label}{verdict}: {pages} of 8192 pages ("), disk_row
     assert (out.returncode, out.stderr) == (1 if pages else 0, "")
 
 
@@ -201,3 +206,132 @@ def test_non_block_paths_pass_through(tmp_path):
     assert [(r.path, r.relation) for r in stack.expand(str(path))] == [(str(path), "self")]
     missing = str(tmp_path / "missing")
     assert [r.path for r in stack.expand(missing)] == [missing]
+
+
+# -- issue 10, point 6: holders above, and what was not checked -------------------------
+
+def blkcache_on(sysfs, *args):
+    """The blkcache command reading a hand-built sysfs tree instead of /sys."""
+    return cliproc.completed(*args, sysfs=sysfs)
+
+
+@pytest.fixture
+def stacked(loops, tmp_path):
+    """Five real loop devices stacked in a hand-built sysfs tree (no
+    device-mapper here): B holds A and D (a dm device over two disks), C holds
+    B, E is a partition of B, and C also claims A as a holder (a cycle)."""
+    devs = {key: loops.attach(size=8 * MiB) for key in "ABCDE"}
+    names = {key: os.path.basename(dev) for key, dev in devs.items()}
+    sysfs = tmp_path / "sysfs"
+
+    def node(key, slaves=(), holders=(), partitions=()):
+        base = sysfs / "class/block" / names[key]
+        base.mkdir(parents=True, exist_ok=True)
+        rdev = os.stat(devs[key]).st_rdev
+        (base / "dev").write_text(f"{os.major(rdev)}:{os.minor(rdev)}\n")
+        for sub, keys in (("slaves", slaves), ("holders", holders)):
+            (base / sub).mkdir(exist_ok=True)
+            for other in keys:
+                (base / sub / names[other]).mkdir()
+        for other in partitions:
+            (base / names[other]).mkdir()
+            (base / names[other] / "partition").write_text("1\n")
+        link = sysfs / "dev/block" / f"{os.major(rdev)}:{os.minor(rdev)}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(base)
+
+    node("A", holders="BC")
+    node("B", slaves="AD", holders="C", partitions="E")
+    node("C", slaves="B", holders="A")
+    node("D", holders="B")
+    node("E")
+    return devs, names, sysfs
+
+
+def _in_sysfs_order(names, keys):
+    """Keys in the order sysfs lists their names (sorted as strings)."""
+    return sorted(keys, key=names.__getitem__)
+
+
+def test_expand_follows_holders_up_but_not_siblings(stacked):
+    devs, names, sysfs = stacked
+    rels = stack.expand(devs["A"], sysfs=str(sysfs))
+    assert [(r.path, r.relation, r.parent) for r in rels] == [
+        (devs["A"], "self", None),
+        *[(devs[k], "holder", names["A"]) for k in _in_sysfs_order(names, "BC")],
+        (devs["E"], "partition", names["B"]),
+    ]
+    # From the dm device: its partition, both slaves below, its holder above.
+    rels = stack.expand(devs["B"], sysfs=str(sysfs))
+    assert [(r.path, r.relation) for r in rels] == [
+        (devs["B"], "self"), (devs["E"], "partition"),
+        *[(devs[k], "slave") for k in _in_sysfs_order(names, "AD")],
+        (devs["C"], "holder")]
+    assert [r.path for r in stack.expand(devs["A"], sysfs=str(sysfs), above=False)] == \
+        [devs["A"]]
+    assert sorted(r.path for r in stack.unchecked([devs["A"], devs["C"]],
+                                                  sysfs=str(sysfs))) == \
+        sorted([devs["B"], devs["E"], devs["D"]])     # D: below C, through B
+
+
+def test_recursive_drop_reaches_the_devices_stacked_above(stacked, loops):
+    devs, names, sysfs = stacked
+    fds = {}
+    for key in "ABCE":
+        fds[key] = loops.hold(devs[key])
+        os.posix_fadvise(fds[key], 0, 0, os.POSIX_FADV_RANDOM)
+        kernel.read_buffered(fds[key], 0, 2 * MiB)
+    out = blkcache_on(sysfs, "status", "-r", "-n", devs["A"])
+    assert out.returncode == 0, out.stderr
+    holders = _in_sysfs_order(names, "BC")
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert [(row[-2], row[-1]) for row in rows] == [
+        ("self", devs["A"]), *[(f"holder:{names['A']}", devs[k]) for k in holders],
+        (f"partition:{names['B']}", devs["E"])]
+    out = blkcache_on(sysfs, "status", "-r", "-J", devs["A"])
+    data = json.loads(out.stdout)
+    assert [(d["path"], d["relation"], d["parent"]) for d in data["devices"]] == [
+        (devs["A"], "self", None), *[(devs[k], "holder", names["A"]) for k in holders],
+        (devs["E"], "partition", names["B"])]
+    assert data["not_checked"] == []
+
+    # Without -r: one line says what was left, and JSON lists it.
+    out = blkcache_on(sysfs, "verify", devs["A"])
+    assert out.returncode == 1
+    assert out.stderr == (
+        "blkcache: 3 related devices not checked ("
+        + "".join(f"{names[k]}: holder of {names['A']}, " for k in holders)
+        + f"{names['E']}: partition of {names['B']}); use -r\n")
+    out = blkcache_on(sysfs, "verify", "-J", devs["A"])
+    assert [d["name"] for d in json.loads(out.stdout)["not_checked"]] == \
+        [*[names[k] for k in holders], names["E"]]
+
+    out = blkcache_on(sysfs, "drop", "-r", devs["A"])
+    assert (out.returncode, out.stderr) == (0, "")
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith(f"{devs[holders[0]]} (holder of {names['A']}): ")
+    assert lines[3].startswith(f"{devs['E']} (partition of {names['B']}): ")
+    assert {key: kernel.cachestat(fd)["nr_cache"] for key, fd in fds.items()} == \
+        dict.fromkeys("ABCE", 0)
+
+
+def test_without_recursive_the_related_partitions_and_disk_are_named(partitioned, loops):
+    disk, p1, p2 = partitioned
+    name = os.path.basename(disk)
+    out = cliproc.completed("status", disk)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 2
+    assert out.stderr == (f"blkcache: 2 related devices not checked ({name}p1: partition "
+                          f"of {name}, {name}p2: partition of {name}); use -r\n")
+    out = cliproc.completed("status", "-J", disk)
+    assert [(d["path"], d["relation"]) for d in json.loads(out.stdout)["not_checked"]] == \
+        [(p1, "partition"), (p2, "partition")]
+    out = cliproc.completed("verify", p1)
+    assert out.stderr == (f"blkcache: 1 related device not checked ({name}: disk of "
+                          f"{name}p1); use -r\n")
+    # Named together, or with -r, or quiet: nothing to say.
+    for args in (["verify", p1, disk, p2], ["verify", "-r", p1], ["verify", "-q", p1]):
+        assert cliproc.completed(*args).stderr == "", args
+    out = cliproc.completed("status", "-r", disk)
+    assert [line.split()[-2:] for line in out.stdout.splitlines()] == [
+        ["RELATION", "DEVICE"], ["self", disk], [f"partition:{name}", p1],
+        [f"partition:{name}", p2]]

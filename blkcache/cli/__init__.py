@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "demo",
     "doctor": "doctor",
     "drop": "drop",
+    "failures": "failures",
     "hook": "hook",
     "install-helper": "install_helper",
     "status": "status",
@@ -42,6 +43,7 @@ class BlkcacheGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        output.fill_standard_fds()
         guard = output.GuardedStdout.install()
         try:
             code = self._run(args, prog_name, complete_var, **extra)

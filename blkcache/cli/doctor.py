@@ -16,11 +16,12 @@ def command(devices, helper_path, as_json):
 
     Reports the kernel, whether cachestat(2) exists, this process's effective
     capabilities, the helper blkcache-flush and its file capability (which
-    copy is used, and why not the others), the method 'drop' will use, and
-    for each DEVICE whether status and verify will get counts from the kernel
-    as this user or only "unknown".  Each
-    problem comes with a fix.  Exit status 0 once the report is printed
-    (problems or not), 2 on bad usage, 5 when --helper-path finds no helper.
+    copy is used, and why not the others), the method 'drop' will use, for
+    each DEVICE whether status and verify will get counts from the kernel as
+    this user or only "unknown", and the failed write-backs on record (see
+    'blkcache failures').  Each problem comes with a fix.  Exit status 0 once
+    the report is printed (problems or not), 2 on bad usage, 5 when
+    --helper-path finds no helper.
     """
     from .. import exitcodes
 

@@ -24,10 +24,7 @@ from . import options, output, render
               help="Drop even a device whose earlier write-back failed (recorded in "
                    "/run/blkcache): its cached pages, maybe the only copy, are lost.")
 @options.apply(options.QUIET)
-@click.option("-r", "--recursive", is_flag=True,
-              help="Also drop each device's partitions and the devices below it (a "
-                   "partition's disk, sysfs slaves).")
-@options.apply(options.JSON)
+@options.apply(options.RECURSIVE, options.JSON)
 def command(devices, offset, length, interface, method, expect_clean, retries,
             discard_failed, quiet, recursive, as_json):
     """Write back, drop and verify the page cache of each DEVICE.
@@ -49,9 +46,11 @@ def command(devices, offset, length, interface, method, expect_clean, retries,
         if result is not None and result.warning and not quiet:
             output.error(render.drop_warning(result))
         if result is not None and not quiet and not as_json:
-            click.echo(render.drop_line(result))
+            click.echo(render.drop_line(result, outcome.relation))
 
-    results = api.run(devices, action, recursive, report)
+    results = api.run(devices, action, recursive, report, offset=offset, length=length)
     if as_json:
-        output.emit_json({"devices": [r.to_dict() for r in results.results]})
+        output.emit_batch(results, recursive)
+    else:
+        output.not_checked(results, quiet)
     return results.code

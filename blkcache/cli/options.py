@@ -46,6 +46,13 @@ SIZES = (
     click.option("-n", "--noheadings", is_flag=True, help="Do not print a header line."),
 )
 QUIET = (click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),)
+RECURSIVE = (
+    click.option("-r", "--recursive", is_flag=True,
+                 help="Also each device's partitions, the devices below it (a partition's "
+                      "disk, sysfs slaves) and the devices above it (sysfs holders), each "
+                      "with its relation.  Without -r, one line on standard error names "
+                      "the related devices not checked."),
+)
 JSON = (click.option("-J", "--json", "as_json", is_flag=True, help="Print JSON."),)
 
 

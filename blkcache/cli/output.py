@@ -33,21 +33,84 @@ def emit_json(data, indent=2):
     click.echo(json.dumps(data, indent=indent))
 
 
+def fill_standard_fds():
+    """Put /dev/null on a closed descriptor 0, 1 or 2, so that no device or
+    record opened later takes its number (and the helper inherits nothing
+    of ours there).  sys.stdout stays None: GuardedStdout sees it closed."""
+    import fcntl
+
+    for fd in (0, 1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.open(os.devnull, os.O_RDWR)     # the lowest free number: fd
+
+
+class _ClosedStdout(io.RawIOBase):
+    """Where output goes when standard output was closed (`>&-`): nowhere,
+    but what was written is remembered, to be reported as lost."""
+
+    written = False
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data):
+            self.written = True
+        return len(data)
+
+
+def emit_batch(batch, recursive):
+    """An api.Batch as JSON: "devices" (each with its "relation" and
+    "parent" under --recursive) and "not_checked" (the related devices left
+    out without it)."""
+    devices = []
+    for outcome in batch.outcomes:
+        if outcome.error is not None:
+            continue
+        record = outcome.result.to_dict()
+        if recursive:
+            rel = outcome.relation
+            record = {**record, "relation": rel.relation if rel else "self",
+                      "parent": rel.parent if rel else None}
+        devices.append(record)
+    emit_json({"devices": devices,
+               "not_checked": [rel.to_dict() for rel in batch.not_checked]})
+
+
+def not_checked(batch, quiet=False):
+    """The one line about related devices not checked, on stderr (not with -q)."""
+    line = render.not_checked_line(batch.not_checked)
+    if line and not quiet:
+        error(line)
+
+
 class GuardedStdout(io.TextIOWrapper):
     """sys.stdout for one command: the first write error is kept, not raised,
     and output after it is discarded.  A reader that went away (EPIPE) or a
-    full disk must not turn a device's result into a device error."""
+    full disk must not turn a device's result into a device error; output
+    that could not be delivered (a full disk, standard output closed) is
+    reported by remove()."""
 
     lost = None
+    closed_stdout = None
 
     @classmethod
     def install(cls):
         out = sys.stdout
-        if getattr(out, "buffer", None) is None:
+        if out is None:
+            closed = _ClosedStdout()
+            guard = cls(io.BufferedWriter(closed), encoding="utf-8",
+                        errors="surrogateescape")
+            guard.closed_stdout = closed
+        elif getattr(out, "buffer", None) is None:
             return None
-        out.flush()
-        guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
-                    line_buffering=out.line_buffering)
+        else:
+            out.flush()
+            guard = cls(out.buffer, encoding=out.encoding, errors=out.errors,
+                        line_buffering=out.line_buffering)
         guard.original = out
         sys.stdout = guard
         return guard
@@ -77,10 +140,15 @@ class GuardedStdout(io.TextIOWrapper):
 
     def remove(self):
         """Put the real stdout back; the first write error, or None."""
+        import errno
+
         self.flush()
         sys.stdout = self.original
         with contextlib.suppress(ValueError):
             self.detach()
+        if self.lost is None and self.closed_stdout is not None and \
+                self.closed_stdout.written:
+            self.lost = OSError(errno.EBADF, "standard output is closed")
         return self.lost
 
 

@@ -21,13 +21,7 @@ def _count(value):
 
 def describe(exc):
     """One line for an exception raised by the API."""
-    from ..errors import (
-        BlkcacheError,
-        MethodUnavailableError,
-        MissingDependencyError,
-        MissingNodeError,
-        WritebackError,
-    )
+    from ..errors import BlkcacheError, MissingNodeError, WritebackError
 
     if isinstance(exc, MissingNodeError):
         rel = exc.related
@@ -37,10 +31,9 @@ def describe(exc):
     where = f"{display(path)}: " if path else ""
     if isinstance(exc, WritebackError):
         return where + _writeback_failure(exc)
-    if isinstance(exc, (MethodUnavailableError, MissingDependencyError)):
-        return f"{where}{exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "")
     if isinstance(exc, BlkcacheError):
-        return f"{where}{exc.message}"
+        fix = getattr(exc, "fix", None)
+        return f"{where}{exc.message}" + (f" (fix: {fix})" if fix else "")
     return f"{where}{exc.strerror or exc}"
 
 
@@ -71,16 +64,49 @@ def _size(value, in_bytes):
     return str(value) if in_bytes else format_size(value)
 
 
-def table(states, in_bytes=False, noheadings=False):
-    """status: one row per CacheState, like fincore(1)."""
-    header = ("RES", "PAGES", "SIZE", "DIRTY", "WRITEBACK", "DEVICE")
+def table(states, in_bytes=False, noheadings=False, relations=None):
+    """status: one row per CacheState, like fincore(1); with ``relations``
+    (--recursive: a blkcache.stack.Related or None per state), a RELATION
+    column before DEVICE."""
+    header = ("RES", "PAGES", "SIZE", "DIRTY", "WRITEBACK")
     rows = [(_size(s.cached_bytes, in_bytes), _pages(s, s.cached), _size(s.length, in_bytes),
-             _pages(s, s.dirty), _pages(s, s.writeback), display(s.path)) for s in states]
+             _pages(s, s.dirty), _pages(s, s.writeback)) for s in states]
+    if relations is not None:
+        header += ("RELATION",)
+        rows = [row + (relation_cell(rel),) for row, rel in zip(rows, relations)]
+    rows = [row + (display(s.path),) for row, s in zip(rows, states)]
     if not noheadings:
-        rows.insert(0, header)
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join(" ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " " + row[5]
-                     for row in rows)
+        rows.insert(0, header + ("DEVICE",))
+    last = len(header)
+    widths = [max(len(row[i]) for row in rows) for i in range(last)]
+    return "\n".join(" ".join(cell.rjust(w) if i < 5 else cell.ljust(w)
+                              for i, (cell, w) in enumerate(zip(row, widths)))
+                     + " " + row[last] for row in rows)
+
+
+def relation_cell(rel):
+    """The RELATION column: self, or relation:parent (holder:loop0)."""
+    if rel is None or rel.relation == "self":
+        return "self"
+    return f"{rel.relation}:{display(rel.parent)}"
+
+
+def label(path, rel=None):
+    """A row's name in lines: the path, and for a related device its relation."""
+    if rel is None or rel.relation == "self":
+        return display(path)
+    return f"{display(path)} ({rel.relation} of {display(rel.parent)})"
+
+
+def not_checked_line(rels):
+    """One line naming the related devices that were not checked, or None."""
+    if not rels:
+        return None
+    shown = ", ".join(f"{display(rel.name)}: {rel.relation} of {display(rel.parent)}"
+                      for rel in rels[:4])
+    more = f", and {len(rels) - 4} more" if len(rels) > 4 else ""
+    noun = "device" if len(rels) == 1 else "devices"
+    return f"{len(rels)} related {noun} not checked ({shown}{more}); use -r"
 
 
 def status_extras(reports):
@@ -121,13 +147,14 @@ _METHOD_NAMES = {"ioctl": "BLKFLSBUF", "fadvise": "posix_fadvise",
                  "helper": "BLKFLSBUF via blkcache-flush"}
 
 
-def drop_line(result):
+def drop_line(result, rel=None):
     before, after = result.before, result.after
     method = _METHOD_NAMES.get(result.method, result.method)
+    name = label(result.path, rel)
     if after.cached is None:
-        return (f"{display(result.path)}: dropped with {method}; the kernel will not tell "
+        return (f"{name}: dropped with {method}; the kernel will not tell "
                 "this user whether pages remain (unknown)")
-    text = (f"{display(result.path)}: {_count(before.cached)} -> {after.cached} pages cached "
+    text = (f"{name}: {_count(before.cached)} -> {after.cached} pages cached "
             f"({format_size(after.page_size * (result.dropped or 0))} dropped with {method}, "
             f"{result.attempts} attempt{'s' if result.attempts != 1 else ''})")
     if after.cached:
@@ -140,17 +167,18 @@ def drop_warning(result):
     return f"warning: {display(result.path)}: {result.warning}"
 
 
-def verify_line(check):
+def verify_line(check, rel=None):
     state = check.state
+    name = label(state.path, rel)
     if check.verdict == "unknown":
-        return f"{display(state.path)}: unknown: {state.reason}"
-    return (f"{display(state.path)}: {check.verdict}: {state.cached} of {state.pages} pages "
+        return f"{name}: unknown: {state.reason}"
+    return (f"{name}: {check.verdict}: {state.cached} of {state.pages} pages "
             f"({format_size(state.cached_bytes)}) cached" + beyond_end_note(state))
 
 
-def coherence_lines(report):
+def coherence_lines(report, rel=None):
     """Text lines for one coherence report."""
-    name = display(report.path)
+    name = label(report.path, rel)
     if report.verdict == "unknown":
         return [f"{name}: unknown: {report.reason}"]
     head = {"coherent": f"coherent: {report.compared} cached pages match the device",
@@ -228,7 +256,10 @@ def doctor(report):
     lines = [
         f"kernel:        Linux {report.kernel}, cachestat(2) "
         + {True: "available", False: "missing (mincore fallback)",
-           None: "unknown"}[report.cachestat_available],
+           None: "unknown"}[report.cachestat_available]
+        + ", disk sequence numbers "
+        + {True: "yes", False: "no (failure records block by major:minor)",
+           None: "unknown"}[report.diskseq],
         f"user:          {display(report.user)} (uid {report.uid}), "
         f"no_new_privs: {_YES[report.no_new_privs]}",
         f"capabilities:  {_caps_text(report)}",
@@ -238,6 +269,9 @@ def doctor(report):
         f"drop method:   {report.drop_method.method}: {report.drop_method.reason}",
     ]
     lines += [_device_line(dev) for dev in report.devices]
+    lines.append(f"failures:      {len(report.failures) or 'none'} on record in "
+                 f"{display(report.state_dir)}")
+    lines += [f"  - {failure_line(failure)}" for failure in report.failures]
     if report.problems:
         lines.append("problems:")
         for problem in report.problems:
@@ -250,3 +284,52 @@ def doctor(report):
         lines.append("To let users without CAP_SYS_ADMIN drop with BLKFLSBUF, run as root:")
         lines.append(f"  {report.setcap_command}")
     return "\n".join(lines)
+
+
+# -- failed write-backs on record ---------------------------------------------------
+
+_STATES = {"live": "live: drop refuses until --discard-failed",
+           "stale": "stale: that device instance is gone, it blocks nothing "
+                    "(blkcache failures --prune)",
+           "unknown": "unknown: no disk sequence number to tell; it blocks"}
+
+
+def _stamp(when):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
+
+
+def failure_line(failure):
+    """One record, for doctor: device, when, error, pages, state."""
+    import os
+
+    key = failure.key
+    if failure.problem is not None:
+        head = f"{display(failure.record)}: cannot be read ({display(failure.problem)})"
+    else:
+        seq = f", diskseq {key.seq}" if key is not None and key.seq is not None else ""
+        head = (f"{display(failure.path)} ({key.rdev if key else '?'}{seq}): "
+                f"{_stamp(failure.when)}, {os.strerror(failure.errno)}, "
+                f"{_count(failure.dirty)} pages were dirty")
+    return f"{head}; {_STATES.get(failure.state, failure.state)}"
+
+
+def failures_table(found):
+    """blkcache failures: STATE WHEN ERROR PAGES RDEV DISKSEQ PATH."""
+    import errno
+
+    rows = [("STATE", "WHEN", "ERROR", "PAGES", "RDEV", "DISKSEQ", "PATH")]
+    for f in found:
+        key = f.key
+        path = display(f.path) if f.problem is None else \
+            f"{display(f.record)} (cannot be read: {display(f.problem)})"
+        rows.append((f.state or "?", _stamp(f.when), errno.errorcode.get(f.errno, str(f.errno)),
+                     _count(f.dirty), key.rdev if key else "?",
+                     str(key.seq) if key is not None and key.seq is not None else "-", path))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    return "\n".join(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[6]
+                     for row in rows)
+
+
+def removed_line(failure):
+    """blkcache failures --clear/--prune: one record removed."""
+    return f"removed {display(failure.record)} ({display(failure.path)}, {failure.state})"

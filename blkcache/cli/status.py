@@ -14,9 +14,6 @@ from . import options, output, render
 @click.option("--map", "show_map", is_flag=True,
               help="Also draw where the cached pages are: 64 columns, ' ' none, 'o' part, "
                    "'O' all cached (like vmtouch -v).")
-@click.option("-r", "--recursive", is_flag=True,
-              help="Also each device's partitions and the devices below it (a partition's "
-                   "disk, sysfs slaves), each on its own row.")
 @click.option("--prometheus", is_flag=True,
               help="Print Prometheus metrics (text exposition format) of the whole "
                    "devices instead of the table; needs prometheus_client "
@@ -25,7 +22,7 @@ from . import options, output, render
               help="Write the Prometheus metrics to PATH atomically (a temporary file in "
                    "its directory, renamed over it) for node_exporter's textfile "
                    "collector; PATH must end in .prom.  Implies --prometheus.")
-@options.apply(options.JSON)
+@options.apply(options.RECURSIVE, options.JSON)
 def command(devices, offset, length, interface, in_bytes, noheadings, holders, show_map,
             recursive, prometheus, textfile, as_json):
     """Show how much of each DEVICE is in the page cache.
@@ -36,8 +33,8 @@ def command(devices, offset, length, interface, in_bytes, noheadings, holders, s
     not tell this user (exit 3).  JSON sizes are always in bytes.
 
     Each partition and stacked device has a page cache of its own: see
-    --recursive.  The cache lives only while someone holds the device open:
-    see --holders.
+    --recursive (a RELATION column then says how each row relates).  The
+    cache lives only while someone holds the device open: see --holders.
     """
     if prometheus or textfile:
         return metrics(devices, interface, recursive, textfile, {
@@ -52,13 +49,19 @@ def command(devices, offset, length, interface, in_bytes, noheadings, holders, s
             return api.status_report(target, offset, length, interface, holders, show_map,
                                      progress)
 
-    reports = api.run(devices, action, recursive, output.report_error)
+    reports = api.run(devices, action, recursive, output.report_error, offset=offset,
+                      length=length)
     if as_json:
-        output.emit_json({"devices": [r.to_dict() for r in reports.results]})
-    elif reports.results:
-        click.echo(render.table([r.state for r in reports.results], in_bytes, noheadings))
+        output.emit_batch(reports, recursive)
+        return reports.code
+    done = [o for o in reports.outcomes if o.error is None]
+    if done:
+        relations = [o.relation for o in done] if recursive else None
+        click.echo(render.table([o.result.state for o in done], in_bytes, noheadings,
+                                relations))
         for line in render.status_extras(reports.results):
             click.echo(line)
+    output.not_checked(reports)
     return reports.code
 
 

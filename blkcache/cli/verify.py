@@ -12,10 +12,7 @@ from . import options, output, render
               help="Instead: compare every cached page with the bytes on the device "
                    "(O_DIRECT) and report stale ranges; exit 1 if any page is stale. "
                    "Adds no page to the cache and never writes.")
-@click.option("-r", "--recursive", is_flag=True,
-              help="Also each device's partitions and the devices below it (a "
-                   "partition's disk, sysfs slaves).")
-@options.apply(options.JSON)
+@options.apply(options.RECURSIVE, options.JSON)
 def command(devices, offset, length, interface, quiet, coherence, recursive, as_json):
     """Check that no page of each DEVICE is cached.
 
@@ -46,16 +43,18 @@ def command(devices, offset, length, interface, quiet, coherence, recursive, as_
         def action(target):
             return target.verify(offset, length, interface)
 
-        def lines(check):
-            return [render.verify_line(check)]
+        def lines(check, rel):
+            return [render.verify_line(check, rel)]
 
     def report(outcome):
         output.report_error(outcome)
         if outcome.result is not None and not quiet and not as_json:
-            for line in lines(outcome.result):
+            for line in lines(outcome.result, outcome.relation):
                 click.echo(line)
 
-    checks = api.run(devices, action, recursive, report)
+    checks = api.run(devices, action, recursive, report, offset=offset, length=length)
     if as_json:
-        output.emit_json({"devices": [c.to_dict() for c in checks.results]})
+        output.emit_batch(checks, recursive)
+    else:
+        output.not_checked(checks, quiet)
     return checks.code
