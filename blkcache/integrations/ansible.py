@@ -41,7 +41,7 @@ class Failure(Exception):
 
 
 def _describe(exc):
-    from ..cli.render import describe  # the command line's one-line messages
+    from ..messages import describe  # the same one line as the command line's
 
     return describe(exc)
 

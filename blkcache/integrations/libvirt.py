@@ -28,6 +28,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
+from ..messages import display as printable
+
 #: Where --install writes the hook, below the root directory.
 HOOK_PATH = "/etc/libvirt/hooks/qemu.d/blkcache"
 #: libvirt's single-file hook, run before the scripts in qemu.d: never touched.
@@ -55,12 +57,6 @@ sys.path.insert(0, {package_parent!r})
 from blkcache.integrations.libvirt import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def printable(text):
-    """``text`` on one line: control characters and undecodable bytes escaped."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Log:
