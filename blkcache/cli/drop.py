@@ -49,8 +49,4 @@ def command(devices, offset, length, interface, method, expect_clean, retries,
             click.echo(render.drop_line(result, outcome.relation))
 
     results = api.run(devices, action, recursive, report, offset=offset, length=length)
-    if as_json:
-        output.emit_batch(results, recursive)
-    else:
-        output.not_checked(results, quiet)
-    return results.code
+    return output.finish(results, recursive, as_json, quiet)

@@ -87,6 +87,16 @@ def not_checked(batch, quiet=False):
         error(line)
 
 
+def finish(batch, recursive, as_json, quiet=False):
+    """The end of a command over several devices: the JSON of every outcome,
+    or the line about related devices not checked; the combined exit code."""
+    if as_json:
+        emit_batch(batch, recursive)
+    else:
+        not_checked(batch, quiet)
+    return batch.code
+
+
 class GuardedStdout(io.TextIOWrapper):
     """sys.stdout for one command: the first write error is kept, not raised,
     and output after it is discarded.  A reader that went away (EPIPE) or a

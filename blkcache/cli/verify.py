@@ -53,8 +53,4 @@ def command(devices, offset, length, interface, quiet, coherence, recursive, as_
                 click.echo(line)
 
     checks = api.run(devices, action, recursive, report, offset=offset, length=length)
-    if as_json:
-        output.emit_batch(checks, recursive)
-    else:
-        output.not_checked(checks, quiet)
-    return checks.code
+    return output.finish(checks, recursive, as_json, quiet)

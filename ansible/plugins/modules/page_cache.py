@@ -61,25 +61,12 @@ options:
     type: str
     choices: [auto, ioctl, helper, fadvise]
     default: auto
-  offset:
-    description:
-      - Start of the range in bytes, with an optional K, M, G or T suffix (rounded down to
-        a page). Default is the start of the device.
-    type: str
-  length:
-    description:
-      - Length of the range in bytes, with an optional K, M, G or T suffix (rounded up to a
-        page). Default is to the end of the device.
-    type: str
   retries:
     description:
       - With O(state=dropped), how many times pages that survive a drop (readahead still in
         flight) are dropped again, with a growing pause. From 0 to 20.
     type: int
     default: 6
-requirements:
-  - The blkcache Python package, the same version as this collection, installed for the
-    Python interpreter Ansible uses on the managed host (C(ansible_python_interpreter)).
 notes:
   - A device's page cache lives only while some process holds it open, such as the QEMU
     that uses the volume.
@@ -93,19 +80,8 @@ seealso:
   - module: blkcache.blkcache.page_cache_info
 author:
   - blkcache maintainers
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without
-      modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in
-      check_mode), when in diff mode.
-    support: none
-  platform:
-    description: Target OS/families that can be operated against.
-    support: full
-    platforms: posix
+extends_documentation_fragment:
+  - blkcache.blkcache.page_cache
 """
 
 EXAMPLES = r"""

@@ -26,19 +26,6 @@ options:
     elements: str
     required: true
     aliases: [devices]
-  offset:
-    description:
-      - Start of the range in bytes, with an optional K, M, G or T suffix (rounded down to
-        a page). Default is the start of the device.
-    type: str
-  length:
-    description:
-      - Length of the range in bytes, with an optional K, M, G or T suffix (rounded up to a
-        page). Default is to the end of the device.
-    type: str
-requirements:
-  - The blkcache Python package, the same version as this collection, installed for the
-    Python interpreter Ansible uses on the managed host (C(ansible_python_interpreter)).
 notes:
   - Counts are a reading at one instant; the kernel may reclaim pages at any moment.
   - "Exit codes in RV(rc) on failure: 2 bad input (path, file type, range), 5 failure."
@@ -46,19 +33,8 @@ seealso:
   - module: blkcache.blkcache.page_cache
 author:
   - blkcache maintainers
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without
-      modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in
-      check_mode), when in diff mode.
-    support: none
-  platform:
-    description: Target OS/families that can be operated against.
-    support: full
-    platforms: posix
+extends_documentation_fragment:
+  - blkcache.blkcache.page_cache
 """
 
 EXAMPLES = r"""
