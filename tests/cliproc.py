@@ -76,7 +76,11 @@ def run_many(argvs, timeout=60, workers=4):
 
 
 def umount(where, tries=50):
-    """umount, retrying while it is briefly busy (a loop device just detached)."""
+    """umount, retrying while it is briefly busy (a loop device just detached).
+
+    Still busy after that (a failed test left a descriptor or loop device on
+    it): unmount it lazily, so that nothing stays mounted once the last user
+    goes, and raise, so that the leak is reported."""
     import time
 
     for _ in range(tries):
@@ -84,4 +88,5 @@ def umount(where, tries=50):
         if proc.returncode == 0:
             return
         time.sleep(0.1)
-    raise RuntimeError(f"umount {where}: {proc.stderr.strip()}")
+    subprocess.run(["umount", "--lazy", where], capture_output=True, check=False)
+    raise RuntimeError(f"umount {where}: {proc.stderr.strip()} (unmounted lazily)")

@@ -31,9 +31,21 @@ def mounted(*args):
         try:
             yield where
         finally:
+            _detach_backed_by(where)
             cliproc.umount(where)
     finally:
         os.rmdir(where)
+
+
+def _detach_backed_by(where):
+    """Detach the loop devices whose backing files are in ``where`` (a test
+    that failed half-way may have left one; they are ours: the mount is)."""
+    for name in os.listdir(where):
+        listing = subprocess.run(["losetup", "--noheadings", "--output", "NAME", "--associated",
+                                  os.path.join(where, name)], capture_output=True, text=True,
+                                 check=False).stdout
+        for device in listing.split():
+            subprocess.run(["losetup", "--detach", device], capture_output=True, check=False)
 
 
 def sysfs(device, *parts):
