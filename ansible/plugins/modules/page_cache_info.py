@@ -138,17 +138,10 @@ devices:
       type: str
 """
 
-import traceback  # noqa: E402
-
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
-
-try:
-    from blkcache.integrations import ansible as blkcache_ansible
-except ImportError:
-    blkcache_ansible = None
-    IMPORT_ERROR = traceback.format_exc()
-else:
-    IMPORT_ERROR = None
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.blkcache.blkcache.plugins.module_utils.blkcache import (  # noqa: E402
+    call,
+)
 
 ARGUMENT_SPEC = dict(
     device=dict(type="list", elements="str", required=True, aliases=["devices"]),
@@ -159,16 +152,8 @@ ARGUMENT_SPEC = dict(
 
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if blkcache_ansible is None:
-        module.fail_json(msg=missing_required_lib("blkcache"), exception=IMPORT_ERROR)
     params = module.params
-    failure = None
-    try:
-        result = blkcache_ansible.info(params["device"], params["offset"], params["length"])
-    except blkcache_ansible.Failure as exc:
-        failure = exc
-    if failure is not None:     # outside the handler: no traceback in the result
-        module.fail_json(**failure.to_dict())
+    result = call(module, "info", params["device"], params["offset"], params["length"])
     module.exit_json(**result)
 
 
