@@ -42,7 +42,7 @@ import stat
 import time
 
 from .errors import BusyError, StateDirError
-from .sysfs import SYSFS
+from .sysfs import SYSFS, read
 
 DEFAULT_STATE_DIR = "/run/blkcache"
 RECORDS = "writeback-failed"
@@ -147,11 +147,8 @@ def sysfs_disk_seq(rdev, sysfs=None):
         return False, None
     if os.path.exists(f"{base}/partition"):
         base = os.path.dirname(os.path.realpath(base))
-    try:
-        with open(f"{base}/diskseq", encoding="ascii") as f:
-            return True, int(f.read())
-    except (OSError, ValueError):
-        return True, None
+    text = read(f"{base}/diskseq")
+    return True, int(text) if text and text.isdigit() else None
 
 
 def diskseq_available(sysfs=None):

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 from . import native
 from .record import Record, record
-from .sysfs import dev_dir, dev_path, listdir, rdev_of
+from .sysfs import SYSFS, dev_dir, dev_path, listdir, rdev_of
 
 
 @record
@@ -160,7 +160,7 @@ def mount_holders(rdev, mountinfo="/proc/self/mountinfo"):
     return tuple(out)
 
 
-def stacked_holders(rdev, sysfs="/sys"):
+def stacked_holders(rdev, sysfs=SYSFS):
     return tuple(StackedHolder(name, dev_path(name, rdev_of(name, sysfs)))
                  for name in listdir(f"{dev_dir(rdev, sysfs)}/holders"))
 

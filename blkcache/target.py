@@ -103,8 +103,8 @@ class Target:
         return dropping.drop(self, self.range(offset, length), method, expect_clean,
                              retries, interface, discard_failed)
 
-    def verify(self, offset=0, length=None, interface="auto"):
+    def verify(self, offset=0, length=None, interface="auto", rng=None):
         """Verification: "clean" only when the range is known to hold no page."""
-        state = self.status(offset, length, interface)
+        state = self.status(offset, length, interface, rng)
         verdict = {True: "clean", False: "resident", None: "unknown"}[state.clean]
         return Verification(verdict, state)

@@ -86,7 +86,7 @@ def page_cache(devices, state="dropped", expect_clean=False, method="auto", offs
     with contextlib.ExitStack() as stack:
         opened = _open(devices, offset, length, stack)
         if state == "verified":
-            return _finish(*_verify(opened, offset, length))
+            return _finish(*_verify(opened))
         plans = _check_drops(opened, method, expect_clean)
         return _finish(*_drop(plans, expect_clean, retries, check_mode))
 
@@ -99,11 +99,11 @@ def _finish(records, problems, codes):
     return {"changed": changed, "rc": rc, "devices": records}
 
 
-def _verify(opened, offset, length):
+def _verify(opened):
     records, problems, codes = [], [], []
-    for target, _ in opened:
+    for target, rng in opened:
         try:
-            check = target.verify(offset or 0, length)
+            check = target.verify(rng=rng)
         except (OSError, BlkcacheError) as exc:
             problems.append(_describe(exc))
             codes.append(exitcodes.for_error(exc))
